@@ -1,0 +1,334 @@
+"""The fully autoregressive VLM (Idefics2 paper, section 3.1, Findings 2 and 4).
+
+vision encoder → connector (projection + perceiver) → the visual tokens replace the `<image>` placeholder
+embeddings → any transformers decoder LM → `lm_head`. The LM is `AutoModel.from_config(text_config)`:
+its attention, cache and kernels are transformers' own.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import ModelOutput, logging
+
+from .configuration_autoregressive_vlm import AutoregressiveVLMConfig
+from .modeling_connector import Connector
+from .modeling_vision_encoder import VisionEncoder
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ImageFeaturesOutput(ModelOutput):
+    """Visual tokens of a batch, ready to replace its `<image>` placeholders.
+
+    image_features: (B, T, text_hidden) — sample b's visual tokens, its images in order, right-padded to the
+        longest sample's T.
+    image_features_mask: (B, T) bool — True on real tokens; row b holds as many Trues as sample b has
+        `<image>` placeholders.
+    """
+
+    image_features: torch.Tensor | None = None
+    image_features_mask: torch.Tensor | None = None
+
+
+@dataclass
+class AutoregressiveVLMModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the visual tokens that were spliced in, (B, T, text_hidden)."""
+
+    image_features: torch.Tensor | None = None
+
+
+@dataclass
+class AutoregressiveVLMCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the visual tokens that were spliced in, (B, T, text_hidden)."""
+
+    image_features: torch.Tensor | None = None
+
+
+class AutoregressiveVLMPreTrainedModel(PreTrainedModel):
+    config_class = AutoregressiveVLMConfig
+    config: AutoregressiveVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionEncoderLayer", "PerceiverLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable activation checkpointing; non-reentrant unless `{"use_reentrant": True}` is passed."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _patch_mask_from_pixel_mask(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, H, W) pixel mask → (N, H // p, W // p): a patch is real when all of its pixels are."""
+    patches = pixel_mask.unfold(1, patch_size, patch_size).unfold(2, patch_size, patch_size)  # (N, h, w, p, p)
+    return patches.flatten(3).all(dim=-1)
+
+
+class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
+    """Vision encoder, connector and text backbone, without the LM head.
+
+    Attribute names (`vision_model`, `connector`, `text_model`) are checkpoint keys shared with Idefics2.
+    """
+
+    def __init__(self, config: AutoregressiveVLMConfig) -> None:
+        super().__init__(config)
+        self.vision_model = VisionEncoder._from_config(config.vision_config)
+        self.connector = Connector._from_config(
+            config.connector_config, vision_hidden_size=config.vision_config.hidden_size, text_config=config.text_config
+        )
+        self.text_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> ImageFeaturesOutput:
+        """Encode a batch of images into visual tokens, once, for one or many forward/generate calls.
+
+        Args:
+            pixel_values: (B, N_img, C, H, W) — images padded to the batch's H × W, and samples padded to
+                N_img with all-zero images, which are skipped. (N, C, H, W) is read as one image per sample.
+            pixel_attention_mask: (B, N_img, H, W) (or (N, H, W)), True/1 on real pixels; all real if omitted.
+
+        Returns:
+            `ImageFeaturesOutput`: `image_features` (B, T, text_hidden) and `image_features_mask` (B, T).
+            Pass both (e.g. `**output`) to `forward`/`generate` instead of `pixel_values`.
+        """
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+            pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[:, None]
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values must be (batch, images, channels, height, width), got shape {tuple(pixel_values.shape)}."
+            )
+        batch, max_images, channels, height, width = pixel_values.shape
+        if pixel_attention_mask is not None and pixel_attention_mask.shape != (batch, max_images, height, width):
+            raise ValueError(
+                f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
+                f"{(batch, max_images, height, width)} to match pixel_values {tuple(pixel_values.shape)}."
+            )
+        images = pixel_values.reshape(batch * max_images, channels, height, width).to(self.dtype)
+        # padding images (samples with fewer images than N_img) are all zeros: never encode them
+        is_real = (images != 0).flatten(1).any(dim=1)  # (B * N_img,)
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones(batch * max_images, height, width, dtype=torch.bool, device=images.device)
+        else:
+            pixel_mask = pixel_attention_mask.reshape(batch * max_images, height, width).bool()
+        patch_mask = _patch_mask_from_pixel_mask(pixel_mask[is_real], self.config.vision_config.patch_size)
+
+        patch_states = self.vision_model(images[is_real], patch_attention_mask=patch_mask, **kwargs).last_hidden_state
+        per_image = self.connector(patch_states, patch_mask.flatten(1), **kwargs)  # list of (tokens_i, D)
+
+        images_per_sample = is_real.view(batch, max_images).sum(dim=1).tolist()
+        per_sample, start = [], 0
+        for count in images_per_sample:
+            tokens = per_image[start : start + count]
+            per_sample.append(torch.cat(tokens) if tokens else patch_states.new_zeros(0, self.config.text_config.hidden_size))
+            start += count
+        lengths = torch.tensor([len(t) for t in per_sample], device=images.device)
+        features = nn.utils.rnn.pad_sequence(per_sample, batch_first=True)  # (B, T, D)
+        mask = torch.arange(features.shape[1], device=images.device)[None, :] < lengths[:, None]  # (B, T)
+        return ImageFeaturesOutput(image_features=features, image_features_mask=mask)
+
+    def _image_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: where the `<image>` placeholders are, from ids or, without ids, from their embedding."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(dim=-1)
+
+    def merge_image_features(
+        self,
+        inputs_embeds: torch.Tensor,
+        placeholder_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        image_features_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Write the visual tokens over the placeholder embeddings: (B, S, D) in, (B, S, D) out."""
+        if image_features.ndim != 3 or image_features.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(
+                f"image_features must be (batch={inputs_embeds.shape[0]}, tokens, hidden), got "
+                f"{tuple(image_features.shape)}; use get_image_features() to build them."
+            )
+        if image_features_mask is None:
+            image_features_mask = torch.ones(image_features.shape[:2], dtype=torch.bool, device=image_features.device)
+        placeholders = placeholder_mask.sum(dim=1)  # (B,)
+        features = image_features_mask.sum(dim=1).to(placeholders.device)
+        if not torch.equal(placeholders, features):
+            sample = int((placeholders != features).nonzero()[0])
+            raise ValueError(
+                f"Sample {sample} has {int(placeholders[sample])} <image> placeholder tokens but its images give "
+                f"{int(features[sample])} visual tokens (placeholders per sample: {placeholders.tolist()}, "
+                f"visual tokens per sample: {features.tolist()}). Likely causes: the prompt was truncated inside "
+                f"an image's placeholders, or the processor and the model disagree on image_seq_len "
+                f"(model: {self.config.image_seq_len}) or on image splitting."
+            )
+        valid = image_features[image_features_mask.to(image_features.device)]  # (total_tokens, D)
+        inputs_embeds = inputs_embeds.clone()
+        inputs_embeds[placeholder_mask] = valid.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_features_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AutoregressiveVLMModelOutput:
+        """Run the LM on text whose `<image>` placeholders carry visual tokens.
+
+        input_ids (B, S) or inputs_embeds (B, S, D); pixel_values (B, N_img, C, H, W) with
+        pixel_attention_mask (B, N_img, H, W), or precomputed image_features (B, T, D) with
+        image_features_mask (B, T) from `get_image_features`. Returns last_hidden_state (B, S, D) and the cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or precomputed image_features, not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, D)
+
+        if pixel_values is not None:
+            encoded = self.get_image_features(pixel_values, pixel_attention_mask)
+            image_features, image_features_mask = encoded.image_features, encoded.image_features_mask
+        if image_features is not None:
+            placeholder_mask = self._image_placeholder_mask(input_ids, inputs_embeds)
+            inputs_embeds = self.merge_image_features(
+                inputs_embeds, placeholder_mask, image_features, image_features_mask
+            )
+
+        kwargs["return_dict"] = True
+        outputs = self.text_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return AutoregressiveVLMModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+        )
+
+
+class AutoregressiveVLMForConditionalGeneration(AutoregressiveVLMPreTrainedModel, GenerationMixin):
+    """`AutoregressiveVLMModel` with a language-modelling head; loss from `labels`; `generate`.
+
+    In `generate`, images are encoded once, at prefill; decode steps use the LM's KV cache only.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.text_model.embed_tokens.weight"}
+
+    def __init__(self, config: AutoregressiveVLMConfig) -> None:
+        super().__init__(config)
+        self.model = AutoregressiveVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> ImageFeaturesOutput:
+        """See `AutoregressiveVLMModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, pixel_attention_mask, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_features_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AutoregressiveVLMCausalLMOutput:
+        """As `AutoregressiveVLMModel.forward`, plus logits (B, S, vocab) and, with `labels` (B, S), the
+        next-token loss (label -100 is ignored; mask image placeholders and padding in the collator)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            image_features=image_features,
+            image_features_mask=image_features_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return AutoregressiveVLMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=outputs.image_features,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        """transformers drops pixel inputs after prefill; precomputed image features must go too, since
+        decode steps feed one new token and no placeholders."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and model_inputs.get("use_cache", True):
+            model_inputs.pop("image_features", None)
+            model_inputs.pop("image_features_mask", None)
+        return model_inputs
+
+
+__all__ = [
+    "AutoregressiveVLMForConditionalGeneration",
+    "AutoregressiveVLMModel",
+    "AutoregressiveVLMPreTrainedModel",
+    "ImageFeaturesOutput",
+]

@@ -1,0 +1,211 @@
+"""SigLIP-compatible vision encoder at native resolution and aspect ratio (Idefics2 paper, Finding 5).
+
+A SigLIP ViT (no pooling head) that takes a padded batch of images of different sizes with a
+`patch_attention_mask`. Each image's patch grid, whatever its shape, is mapped onto the learned square
+position table by fractional-coordinate bucketing (the NaViT-style adaptation): patch (i, j) of an
+h × w grid takes the table row/column whose bucket holds i/h and j/w. Padding patches are masked out of
+attention. The parameter names are SigLIP's, so a `SiglipVisionModel` state dict loads after dropping
+its `vision_model.` prefix (see `vlmforge.conversion.siglip`).
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .common_layers import eager_attention_forward
+from .configuration_vision_encoder import VisionEncoderConfig
+
+
+def patch_position_ids(patch_attention_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
+    """Position-table index of every patch, by fractional-coordinate bucketing.
+
+    Args:
+        patch_attention_mask: (N, max_h, max_w) bool, True on real patches; each image's real patches form
+            a top-left h × w rectangle.
+        num_patches_per_side: side of the square position table.
+
+    Returns:
+        (N, max_h * max_w) long; padding patches get 0.
+
+    The arithmetic is float32 on purpose: Idefics2 checkpoints were trained with float32 fractional
+    coordinates, and exact rational arithmetic picks a different bucket on some grids (e.g. 50 × 55).
+    """
+    num_images, max_h, max_w = patch_attention_mask.shape
+    device = patch_attention_mask.device
+    side = num_patches_per_side
+    # bucket b covers [b/side, (b+1)/side); the boundaries are the interior edges, in float32
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+    rows = patch_attention_mask[:, :, 0].sum(dim=1)  # (N,) real patch rows per image
+    cols = patch_attention_mask[:, 0, :].sum(dim=1)  # (N,)
+    # an all-padding image has 0 rows: its ids are discarded by the mask below, avoid dividing by zero
+    row_step = 1.0 / rows.clamp(min=1)  # (N,) float32
+    col_step = 1.0 / cols.clamp(min=1)
+    row_coords = torch.arange(max_h, device=device, dtype=torch.float32)[None, :] * row_step[:, None]  # (N, max_h)
+    col_coords = torch.arange(max_w, device=device, dtype=torch.float32)[None, :] * col_step[:, None]  # (N, max_w)
+    row_buckets = torch.bucketize(row_coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    col_buckets = torch.bucketize(col_coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    ids = row_buckets[:, :, None] * side + col_buckets[:, None, :]  # (N, max_h, max_w)
+    ids = torch.where(patch_attention_mask, ids, torch.zeros_like(ids))
+    return ids.reshape(num_images, max_h * max_w)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patchify with a strided convolution and add the bucketed position embedding."""
+
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_patches_per_side = config.num_patches_per_side
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values)  # (N, D, max_h, max_w)
+        embeddings = patches.flatten(2).transpose(1, 2)  # (N, max_h * max_w, D)
+        position_ids = patch_position_ids(patch_attention_mask, self.num_patches_per_side)
+        return embeddings + self.position_embedding(position_ids)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention over an image's patches."""
+
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch, seq_len, _ = hidden_states.shape
+        head_shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (N, H, P, Dh)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal=self.is_causal,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        output = output.reshape(batch, seq_len, -1).contiguous()  # (N, P, D)
+        return self.out_proj(output), weights
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class VisionEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        attended, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class VisionTransformerStack(nn.Module):
+    """The encoder layers; the attribute path `encoder.layers.N` matches SigLIP's checkpoint keys."""
+
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([VisionEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
+
+
+class VisionEncoder(PreTrainedModel):
+    """SigLIP ViT without pooling head, for images of any size up to `image_size` per side.
+
+    Input: `pixel_values` (N, C, H, W), images padded bottom/right (a remainder below one patch is ignored,
+    as by the strided convolution), and `patch_attention_mask` (N, H // patch_size, W // patch_size) bool,
+    True on real patches (all True when omitted).
+    Output: `BaseModelOutput.last_hidden_state` (N, H//p * W//p, hidden_size), padding patches included.
+    """
+
+    config_class = VisionEncoderConfig
+    config: VisionEncoderConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: VisionEncoderConfig) -> None:
+        super().__init__(config)
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = VisionTransformerStack(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        patch_size = self.config.patch_size
+        num_images, _, height, width = pixel_values.shape
+        if patch_attention_mask is None:
+            patch_attention_mask = torch.ones(
+                num_images, height // patch_size, width // patch_size, dtype=torch.bool, device=pixel_values.device
+            )
+        patch_attention_mask = patch_attention_mask.bool()
+
+        hidden_states = self.embeddings(pixel_values, patch_attention_mask)  # (N, P, D)
+        attention_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=patch_attention_mask.view(num_images, -1),
+        )
+        hidden_states = self.encoder(hidden_states, attention_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
+
+
+__all__ = ["VisionEncoder", "patch_position_ids"]

@@ -1,0 +1,30 @@
+"""vlmforge: build, train, convert and run vision-language models as the Idefics2 paper found to work.
+
+Importing the package registers its configs and models with transformers' Auto classes.
+"""
+
+from vlmforge.auto import AutoModelForVision2Seq, register_auto_classes
+from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
+from vlmforge.modeling.configuration_connector import ConnectorConfig
+from vlmforge.modeling.configuration_vision_encoder import VisionEncoderConfig
+from vlmforge.modeling.modeling_autoregressive_vlm import (
+    AutoregressiveVLMForConditionalGeneration,
+    AutoregressiveVLMModel,
+    ImageFeaturesOutput,
+)
+from vlmforge.modeling.modeling_vision_encoder import VisionEncoder
+
+register_auto_classes()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoModelForVision2Seq",
+    "AutoregressiveVLMConfig",
+    "AutoregressiveVLMForConditionalGeneration",
+    "AutoregressiveVLMModel",
+    "ConnectorConfig",
+    "ImageFeaturesOutput",
+    "VisionEncoder",
+    "VisionEncoderConfig",
+]

@@ -1,0 +1,38 @@
+"""Auto-class registration, and `AutoModelForVision2Seq` for the transformers 5 world.
+
+`register_auto_classes()` runs on `import vlmforge`; after it, AutoConfig, AutoModel and
+AutoModelForImageTextToText resolve our model types like any built-in one.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
+from vlmforge.modeling.configuration_connector import ConnectorConfig
+from vlmforge.modeling.configuration_vision_encoder import VisionEncoderConfig
+from vlmforge.modeling.modeling_autoregressive_vlm import (
+    AutoregressiveVLMForConditionalGeneration,
+    AutoregressiveVLMModel,
+)
+from vlmforge.modeling.modeling_connector import Connector
+from vlmforge.modeling.modeling_vision_encoder import VisionEncoder
+
+
+class AutoModelForVision2Seq(AutoModelForImageTextToText):
+    """transformers 4's `AutoModelForVision2Seq`, which transformers 5 removed.
+
+    It shares AutoModelForImageTextToText's registry, where `import vlmforge` puts our models: a vlmforge
+    checkpoint loads as ours, and any other image-text-to-text checkpoint (Idefics2, LLaVA, ...) loads
+    exactly as `AutoModelForImageTextToText.from_pretrained` would load it.
+    """
+
+
+def register_auto_classes() -> None:
+    """Register our configs and models with transformers' Auto classes (idempotent)."""
+    for config_class in (VisionEncoderConfig, ConnectorConfig, AutoregressiveVLMConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(VisionEncoderConfig, VisionEncoder, exist_ok=True)
+    AutoModel.register(ConnectorConfig, Connector, exist_ok=True)
+    AutoModel.register(AutoregressiveVLMConfig, AutoregressiveVLMModel, exist_ok=True)
+    AutoModelForImageTextToText.register(
+        AutoregressiveVLMConfig, AutoregressiveVLMForConditionalGeneration, exist_ok=True
+    )

@@ -43,8 +43,10 @@ class AutoregressiveVLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         for key in ("vision_config", "connector_config"):
-            if isinstance(getattr(self, key), dict):
-                getattr(self, key).pop("model_type", None)
+            sub_config = getattr(self, key)
+            if isinstance(sub_config, dict):
+                # a copy: from_dict(d) must not mutate the caller's d
+                setattr(self, key, {k: v for k, v in sub_config.items() if k != "model_type"})
         super().__post_init__(**kwargs)
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:

@@ -2,7 +2,8 @@
 
 The fields are SigLIP's, so a `SiglipVisionConfig` maps onto this class field by field. `image_size` is the
 resolution the position table was trained for: an image of any other size and aspect ratio is mapped onto the
-`image_size // patch_size` × `image_size // patch_size` table by fractional-coordinate bucketing.
+`image_size // patch_size` × `image_size // patch_size` table by fractional-coordinate bucketing. As in
+SigLIP, a remainder is ignored: SigLIP-so400m's 384 px with 14 px patches is a 27 × 27 table.
 """
 
 from transformers import PreTrainedConfig
@@ -48,9 +49,9 @@ class VisionEncoderConfig(PreTrainedConfig):
                 f"VisionEncoderConfig: hidden_size={self.hidden_size} must be divisible by "
                 f"num_attention_heads={self.num_attention_heads}."
             )
-        if self.image_size % self.patch_size != 0:
+        if self.image_size < self.patch_size:
             raise ValueError(
-                f"VisionEncoderConfig: image_size={self.image_size} must be a multiple of patch_size={self.patch_size}."
+                f"VisionEncoderConfig: image_size={self.image_size} is smaller than patch_size={self.patch_size}."
             )
 
     @property

@@ -62,10 +62,16 @@ class AutoregressiveVLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable activation checkpointing; non-reentrant unless `{"use_reentrant": True}` is passed."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Enable activation checkpointing; non-reentrant unless `{"use_reentrant": True}` is passed.
+
+        transformers 5 routes the deprecated `gradient_checkpointing_enable` (and Trainer) here; overriding
+        that old name instead would make it the entry point and break `every_n_layers`/`offload`.
+        """
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
 
 def _patch_mask_from_pixel_mask(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from transformers import Idefics2Config
+
 import vlmforge
 
 IMAGE_TOKEN_ID = 99
@@ -75,6 +77,30 @@ def image_prompt(n_images: int, image_seq_len: int, text=(5, 6, 7)) -> list[int]
     return ids + [8, 9]
 
 
+def tiny_idefics2_config(
+    text_model_type: str = "llama", *, image_size: int = 112, tie_word_embeddings: bool = False
+) -> Idefics2Config:
+    """conftest's tiny vision encoder, connector and LM, in Idefics2's config layout.
+
+    The default 112 px table (8 × 8 patches) with images of at most 112 px gives many grid shapes.
+    """
+    connector = tiny_connector_config()
+    return Idefics2Config(
+        vision_config=tiny_vision_config(image_size=image_size),
+        perceiver_config=dict(
+            hidden_size=tiny_text_config()["hidden_size"],
+            resampler_n_latents=connector["n_latents"],
+            resampler_depth=connector["depth"],
+            resampler_n_heads=connector["num_attention_heads"],
+            resampler_head_dim=connector["head_dim"],
+            num_key_value_heads=connector["num_key_value_heads"],
+        ),
+        text_config=tiny_text_config(text_model_type, tie_word_embeddings=tie_word_embeddings),
+        image_token_id=IMAGE_TOKEN_ID,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_autoregressive_model()
@@ -87,3 +113,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists, as batched generation wants: (input_ids (B, S), attention_mask (B, S))."""
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.tensor([[pad_token_id] * (length - len(ids)) + list(ids) for ids in sequences])
+    attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in sequences])
+    return input_ids, attention_mask
+
+
+def random_images(n_images: int, height: int = 56, width: int = 56, seed: int = 0) -> torch.Tensor:
+    """(n_images, 3, height, width) normalised-looking pixels, never all zero (all-zero images are padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n_images, 3, height, width, generator=generator)
+
+
+class CallCounter:
+    """Counts forward calls of a module and the images each call saw; a context manager that removes its hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.batch_sizes: list[int] = []
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        self.batch_sizes.append(first.shape[0])
+
+    @property
+    def calls(self) -> int:
+        return len(self.batch_sizes)
+
+    def __enter__(self) -> "CallCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()

@@ -1,0 +1,258 @@
+"""Convert an Idefics2 checkpoint into our fully autoregressive VLM (Idefics2 paper, section 3.1).
+
+Our `AutoregressiveVLMForConditionalGeneration` is Idefics2's architecture with the same attribute names,
+so the key map is (almost) the identity; what it adds is a strict description of what an Idefics2
+checkpoint may hold. The pieces, in the order a conversion uses them:
+
+- `IDEFICS2_KEY_MAP`: `(regex, replacement)` rules tried in order against the whole source key
+  (`re.fullmatch`); the first match wins; replacement `None` drops a key on purpose. The vision tower's
+  rules are SigLIP's (`vlmforge.conversion.siglip`) under the `model.vision_model.` prefix.
+- `convert_state_dict(state_dict, expected_keys=...)`: pure, no I/O; an unknown source key, or a missing or
+  unexpected target key, raises `ValueError`.
+- `convert_config(idefics2_config)`: `Idefics2Config` → `AutoregressiveVLMConfig`.
+- `convert_idefics2_checkpoint(src, dst)`: a checkpoint folder (config.json + safetensors, sharded or not)
+  → a vlmforge checkpoint folder, written atomically, with the tokenizer and processor files copied over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import Idefics2Config
+from transformers.utils import logging
+
+from vlmforge.conversion.siglip import SIGLIP_KEY_MAP, KeyMap, rename_state_dict, vision_config_from_siglip
+from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
+from vlmforge.modeling.modeling_autoregressive_vlm import AutoregressiveVLMForConditionalGeneration
+
+logger = logging.get_logger(__name__)
+
+_VISION_PREFIX = r"model\.vision_model\."
+_PERCEIVER_LEAVES = (
+    r"latents"
+    r"|norm\.weight"
+    r"|layers\.\d+\.(?:input_latents_norm|input_context_norm|post_attention_layernorm)\.weight"
+    r"|layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)\.weight"
+    r"|layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight"
+)
+
+IDEFICS2_KEY_MAP: KeyMap = [
+    # vision tower: SigLIP's renaming rules, with SigLIP's optional prefix replaced by Idefics2's mandatory
+    # one; SigLIP's drop rules are not inherited (an Idefics2 vision tower has no pooling head)
+    *[
+        (_VISION_PREFIX + pattern.removeprefix(r"(?:vision_model\.)?"), "model.vision_model." + target)
+        for pattern, target in SIGLIP_KEY_MAP
+        if target is not None
+    ],
+    # connector: SwiGLU modality projection, then the perceiver resampler — same names on both sides
+    (r"model\.connector\.(modality_projection\.(?:gate_proj|up_proj|down_proj)\.weight)", r"model.connector.\1"),
+    (rf"model\.connector\.(perceiver_resampler\.(?:{_PERCEIVER_LEAVES}))", r"model.connector.\1"),
+    # dropped: rotary frequencies are recomputed from the config (some older LM checkpoints stored them)
+    (r"model\.text_model\.(?:.+\.)?rotary_emb\.inv_freq", None),
+    # language model: transformers' own class on both sides (`AutoModel.from_config(text_config)`), so its
+    # keys pass through unchanged; the strict load checks them against the class
+    (r"model\.text_model\.(.+)", r"model.text_model.\1"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+
+# Files beside the weights that a processor or `generate` needs; copied verbatim when present.
+PROCESSOR_FILE_PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+_TIED_KEY, _EMBED_KEY = "lm_head.weight", "model.text_model.embed_tokens.weight"
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, expected_keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Idefics2ForConditionalGeneration keys → AutoregressiveVLMForConditionalGeneration keys; no I/O.
+
+    Args:
+        state_dict: an Idefics2 state dict (as `Idefics2ForConditionalGeneration.state_dict()` or its
+            safetensors files hold it).
+        expected_keys: the target model's keys (`model.state_dict().keys()`); when given, a missing or
+            unexpected target key raises too.
+
+    Raises:
+        ValueError: a key no rule of `IDEFICS2_KEY_MAP` describes, two keys mapping to one, or a
+            missing/unexpected target key.
+    """
+    return rename_state_dict(state_dict, IDEFICS2_KEY_MAP, source_name="Idefics2", expected_keys=expected_keys)
+
+
+def convert_config(idefics2_config: Idefics2Config | Mapping) -> AutoregressiveVLMConfig:
+    """Our `AutoregressiveVLMConfig` from an `Idefics2Config` (or its dict): same vision, perceiver and LM.
+
+    The perceiver works at the LM's width in both models; a perceiver `hidden_size` that differs from the
+    LM's means a broken config and raises `ValueError`.
+    """
+    if isinstance(idefics2_config, Mapping):
+        idefics2_config = Idefics2Config(**{k: v for k, v in idefics2_config.items() if k != "model_type"})
+    vision, perceiver = idefics2_config.vision_config, idefics2_config.perceiver_config
+    text = idefics2_config.text_config
+    if perceiver.hidden_size != text.hidden_size:
+        raise ValueError(
+            f"Idefics2 perceiver_config.hidden_size={perceiver.hidden_size} differs from text_config.hidden_size="
+            f"{text.hidden_size}; Idefics2 runs its perceiver at the LM's width, so the checkpoint is inconsistent."
+        )
+    vision_config = vision_config_from_siglip(vision)  # Idefics2VisionConfig has SigLIP's fields
+    connector_config = dict(
+        pooling="perceiver",
+        n_latents=perceiver.resampler_n_latents,
+        depth=perceiver.resampler_depth,
+        num_attention_heads=perceiver.resampler_n_heads,
+        num_key_value_heads=perceiver.num_key_value_heads,
+        head_dim=perceiver.resampler_head_dim,
+        hidden_act=perceiver.hidden_act,
+        rms_norm_eps=perceiver.rms_norm_eps,
+        attention_dropout=float(perceiver.attention_dropout),
+        initializer_range=perceiver.initializer_range,
+    )
+    return AutoregressiveVLMConfig(
+        vision_config=vision_config,
+        connector_config=connector_config,
+        text_config=text.to_dict(),
+        image_token_id=idefics2_config.image_token_id,
+        tie_word_embeddings=idefics2_config.tie_word_embeddings,
+        use_cache=idefics2_config.use_cache,
+        dtype=idefics2_config.dtype,
+    )
+
+
+def _load_weights(src: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in `src`: safetensors (one file or shards), else opted-in pickles."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [src / name for name in shard_names]
+    else:
+        files = sorted(src.glob("*.safetensors"))
+    pickles = sorted(src.glob("pytorch_model*.bin"))
+    if not files and pickles and not allow_pickle:
+        raise ValueError(
+            f"{src} holds only pickled weights ({[p.name for p in pickles]}). Unpickling can run arbitrary code; "
+            "convert them to safetensors, or pass allow_pickle=True if you trust their origin."
+        )
+    if not files and not pickles:
+        raise ValueError(f"{src} holds no weights: expected model.safetensors or model-XXXXX-of-XXXXX.safetensors.")
+    if not files:
+        logger.warning(f"Loading pickled weights from {src} (allow_pickle=True).")
+        files = pickles
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                part = load_file(file)
+            else:  # opted in; weights_only still refuses anything but tensors and plain containers
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise ValueError(f"Could not read weights from {file}: {error}") from error
+        duplicated = state_dict.keys() & part.keys()
+        if duplicated:
+            raise ValueError(f"{file.name} repeats keys from another shard, e.g. {sorted(duplicated)[:3]}.")
+        state_dict.update(part)
+    logger.info(f"Read {len(state_dict)} tensors from {len(files)} file(s) in {src}.")
+    return state_dict
+
+
+def _build_converted_model(
+    idefics2_config: Idefics2Config, state_dict: dict[str, torch.Tensor]
+) -> AutoregressiveVLMForConditionalGeneration:
+    """Our model holding exactly the converted weights (strict load; no random initialisation), to save.
+
+    Built on the meta device, so its non-persistent buffers (rotary frequencies) stay there: fine for
+    `save_pretrained`, which writes parameters and persistent buffers only; reload the saved folder to run it.
+    """
+    config = convert_config(idefics2_config)
+    with torch.device("meta"):  # skeleton only: every parameter is replaced by a checkpoint tensor below
+        model = AutoregressiveVLMForConditionalGeneration(config)
+    expected_keys = set(model.state_dict())
+    tied = config.tie_word_embeddings
+    if tied:
+        # a tied head is saved once, as the embedding; it is re-tied after loading
+        expected_keys.discard(_TIED_KEY)
+        state_dict = {k: v for k, v in state_dict.items() if k != _TIED_KEY}
+    converted = convert_state_dict(state_dict, expected_keys=expected_keys)
+    if tied:
+        converted[_TIED_KEY] = converted[_EMBED_KEY]
+    try:
+        model.load_state_dict(converted, strict=True, assign=True)
+    except RuntimeError as error:  # shape mismatches: the config does not describe these weights
+        raise ValueError(f"The Idefics2 weights do not fit the converted config: {error}") from error
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickle: bool = False) -> Path:
+    """Convert the Idefics2 checkpoint folder `src` into a vlmforge checkpoint folder `dst`.
+
+    Reads `config.json` and the weights (`*.safetensors`, sharded or not; pickled `pytorch_model*.bin` only
+    with `allow_pickle=True`), converts and loads them strictly into `AutoregressiveVLMForConditionalGeneration`,
+    saves it with `save_pretrained`, and copies the tokenizer, processor and generation files
+    (`PROCESSOR_FILE_PATTERNS`). The folder is written beside `dst` under a temporary name and renamed into
+    place, so `dst` either appears complete or not at all.
+
+    Returns:
+        `dst` as a `Path`.
+
+    Raises:
+        ValueError: `dst` exists and is not an empty folder; `src` is not an Idefics2 checkpoint; the weights
+            are pickled without `allow_pickle`, unreadable, or do not match the config.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"Destination {dst} already exists and is not an empty folder; choose a new path.")
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a checkpoint folder: it has no config.json.")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type != "idefics2":
+        raise ValueError(f"{src}/config.json has model_type={model_type!r}; expected 'idefics2'.")
+
+    idefics2_config = Idefics2Config.from_pretrained(src)
+    model = _build_converted_model(idefics2_config, _load_weights(src, allow_pickle=allow_pickle))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        model.save_pretrained(staging)
+        copied = []
+        for pattern in PROCESSOR_FILE_PATTERNS:
+            for file in sorted(src.glob(pattern)):
+                shutil.copy2(file, staging / file.name)
+                copied.append(file.name)
+        logger.info(f"Copied {copied or 'no'} tokenizer/processor files from {src}.")
+        if dst.exists():
+            dst.rmdir()  # empty (checked above); a rename cannot replace a folder on every platform
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"Converted Idefics2 checkpoint {src} → {dst}.")
+    return dst
+
+
+__all__ = [
+    "IDEFICS2_KEY_MAP",
+    "PROCESSOR_FILE_PATTERNS",
+    "convert_config",
+    "convert_idefics2_checkpoint",
+    "convert_state_dict",
+]

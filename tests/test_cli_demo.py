@@ -1,0 +1,92 @@
+"""The `vlmforge` command and `make demo`'s library function, `vlmforge.demo.run_demo`."""
+
+import importlib.metadata
+import os
+
+import pytest
+
+from vlmforge import cli
+from vlmforge.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("demo")
+    return output_dir, run_demo(output_dir, max_new_tokens=5, seed=0)
+
+
+def test_run_demo_reports_visual_tokens_timings_and_generation(demo_result):
+    _, result = demo_result
+    expected = {
+        "output_dir", "random_weights", "image_size", "pixel_values_shape", "patches_per_image",
+        "visual_tokens_per_image", "prompt_tokens", "generated_ids", "generated_text", "timings",
+    }
+    assert expected <= result.keys()
+    assert result["random_weights"] is True
+    # the perceiver pools every image, whatever its patch count, into 64 visual tokens
+    assert result["visual_tokens_per_image"] == 64
+    assert result["patches_per_image"] > 64
+    assert 1 <= len(result["generated_ids"]) <= 5
+    assert all(isinstance(token, int) for token in result["generated_ids"])
+    assert isinstance(result["generated_text"], str)
+    for key in ("build_and_save_s", "load_s", "preprocess_s", "encode_image_s", "generate_s", "tokens_per_s"):
+        assert result["timings"][key] > 0
+
+
+def test_run_demo_writes_a_reloadable_checkpoint(demo_result):
+    output_dir, _ = demo_result
+    names = set(os.listdir(output_dir))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
+
+
+def test_run_demo_says_the_weights_are_random(tmp_path, capsys):
+    run_demo(tmp_path, max_new_tokens=1)
+    printed = capsys.readouterr().out
+    assert "RANDOM weights" in printed
+    assert "64 visual tokens per image" in printed
+
+
+def test_run_demo_rejects_an_empty_generation_budget():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_demo(max_new_tokens=0)
+
+
+def test_help_lists_the_sub_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "demo" in help_text and "convert" in help_text
+
+
+def test_convert_help_lists_idefics2_and_allow_pickle(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "idefics2", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "SRC" in help_text and "DST" in help_text and "--allow-pickle" in help_text
+
+
+def test_arguments_become_the_dataclass_handed_to_the_library(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.ConvertIdefics2Args, "run", lambda self: calls.append(self))
+    monkeypatch.setattr(cli.DemoArgs, "run", lambda self: calls.append(self))
+    assert cli.main(["convert", "idefics2", "in", "out", "--allow-pickle"]) == 0
+    assert cli.main(["demo", "--output-dir", "d", "--max-new-tokens", "3"]) == 0
+    assert calls == [
+        cli.ConvertIdefics2Args(src="in", dst="out", allow_pickle=True),
+        cli.DemoArgs(output_dir="d", max_new_tokens=3, seed=0),
+    ]
+
+
+def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "idefics2", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "vlmforge convert: error:" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_is_importable():
+    (entry_point,) = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "vlmforge"]
+    assert entry_point.value == "vlmforge.cli:main"
+    assert entry_point.load() is cli.main

@@ -1,0 +1,119 @@
+"""The `vlmforge` command: each sub-command parses its arguments into a dataclass and calls one library function.
+
+    vlmforge demo [--output-dir DIR] [--max-new-tokens N] [--seed S]
+    vlmforge convert idefics2 SRC DST [--allow-pickle]
+
+The arguments of a sub-command are the fields of its dataclass (a field's `help` metadata is its help text;
+a field without a default is positional; a `bool` field is an off-by-default `--flag`). Tests call the
+library functions directly; this file only translates a command line into one call.
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclasses.dataclass
+class DemoArgs:
+    """Build, save, reload and run a small RANDOM-weight VLM on a real photograph; print timings."""
+
+    output_dir: str | None = dataclasses.field(
+        default=None, metadata=_help("folder for the demo checkpoint (default: a temporary folder, removed after)")
+    )
+    max_new_tokens: int = dataclasses.field(default=20, metadata=_help("tokens to generate"))
+    seed: int = dataclasses.field(default=0, metadata=_help("seed of the random weights"))
+
+    def run(self) -> None:
+        from vlmforge.demo import run_demo
+
+        run_demo(self.output_dir, max_new_tokens=self.max_new_tokens, seed=self.seed)
+
+
+@dataclasses.dataclass
+class ConvertIdefics2Args:
+    """Convert a transformers Idefics2 checkpoint folder into a vlmforge autoregressive checkpoint."""
+
+    src: str = dataclasses.field(metadata=_help("Idefics2 checkpoint folder (config.json + weights)"))
+    dst: str = dataclasses.field(metadata=_help("output folder for the vlmforge checkpoint"))
+    allow_pickle: bool = dataclasses.field(
+        default=False, metadata=_help("also read pickled .bin weights (runs code from the file: trusted sources only)")
+    )
+
+    def run(self) -> None:
+        # imported here: the other commands must not pay for (or depend on) the conversion code
+        try:
+            from vlmforge.conversion.idefics2 import convert_idefics2_checkpoint
+        except ModuleNotFoundError as error:
+            if error.name != "vlmforge.conversion.idefics2":
+                raise
+            raise ValueError("Idefics2 conversion is not part of this vlmforge install.") from error
+
+        written = convert_idefics2_checkpoint(self.src, self.dst, allow_pickle=self.allow_pickle)
+        print(f"vlmforge convert idefics2: wrote {written}")
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, args_class: type) -> None:
+    hints = typing.get_type_hints(args_class)
+    for field in dataclasses.fields(args_class):
+        kind = hints[field.name]
+        # `str | None` → str: None is only the "not given" default
+        kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+        help_text = field.metadata.get("help", "")
+        if field.default is dataclasses.MISSING:
+            parser.add_argument(field.name, metavar=field.name.upper(), type=kind, help=help_text)
+        elif kind is bool:
+            if field.default is not False:
+                raise TypeError(f"{args_class.__name__}.{field.name}: bool fields must default to False.")
+            parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true", help=help_text)
+        else:
+            default_text = "" if field.default is None else f" (default: {field.default})"
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                dest=field.name,
+                type=kind,
+                default=field.default,
+                help=help_text + default_text,
+            )
+
+
+def _add_command(subparsers, name: str, args_class: type, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=args_class.__doc__)
+    _add_dataclass_arguments(parser, args_class)
+    parser.set_defaults(_args_class=args_class)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmforge", description="Build, convert and run vision-language models the Idefics2 paper's way."
+    )
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    _add_command(commands, "demo", DemoArgs, "run the end-to-end demo (random weights) on a real photograph")
+
+    convert = commands.add_parser("convert", help="convert a checkpoint from another format into vlmforge's")
+    formats = convert.add_subparsers(title="source formats", dest="format", metavar="FORMAT", required=True)
+    _add_command(formats, "idefics2", ConvertIdefics2Args, "a transformers Idefics2 checkpoint folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vlmforge` console script; returns the exit status."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    args_class = namespace._args_class
+    args = args_class(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(args_class)})
+    try:
+        args.run()
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # the library raises these for bad input, with a message meant for the user: no traceback
+        parser.exit(2, f"vlmforge {namespace.command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

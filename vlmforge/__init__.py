@@ -13,6 +13,8 @@ from vlmforge.modeling.modeling_autoregressive_vlm import (
     ImageFeaturesOutput,
 )
 from vlmforge.modeling.modeling_vision_encoder import VisionEncoder
+from vlmforge.processing.image_processing_vlm import VLMImageProcessor
+from vlmforge.processing.processing_vlm import VLMProcessor
 
 register_auto_classes()
 
@@ -27,4 +29,6 @@ __all__ = [
     "ImageFeaturesOutput",
     "VisionEncoder",
     "VisionEncoderConfig",
+    "VLMImageProcessor",
+    "VLMProcessor",
 ]

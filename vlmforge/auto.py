@@ -1,10 +1,16 @@
 """Auto-class registration, and `AutoModelForVision2Seq` for the transformers 5 world.
 
-`register_auto_classes()` runs on `import vlmforge`; after it, AutoConfig, AutoModel and
-AutoModelForImageTextToText resolve our model types like any built-in one.
+`register_auto_classes()` runs on `import vlmforge`; after it, AutoConfig, AutoModel,
+AutoModelForImageTextToText, AutoImageProcessor and AutoProcessor resolve our model types like any built-in one.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from vlmforge.modeling.configuration_connector import ConnectorConfig
@@ -15,6 +21,8 @@ from vlmforge.modeling.modeling_autoregressive_vlm import (
 )
 from vlmforge.modeling.modeling_connector import Connector
 from vlmforge.modeling.modeling_vision_encoder import VisionEncoder
+from vlmforge.processing.image_processing_vlm import VLMImageProcessor
+from vlmforge.processing.processing_vlm import VLMProcessor
 
 
 class AutoModelForVision2Seq(AutoModelForImageTextToText):
@@ -27,7 +35,7 @@ class AutoModelForVision2Seq(AutoModelForImageTextToText):
 
 
 def register_auto_classes() -> None:
-    """Register our configs and models with transformers' Auto classes (idempotent)."""
+    """Register our configs, models and processors with transformers' Auto classes (idempotent)."""
     for config_class in (VisionEncoderConfig, ConnectorConfig, AutoregressiveVLMConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(VisionEncoderConfig, VisionEncoder, exist_ok=True)
@@ -36,3 +44,9 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(
         AutoregressiveVLMConfig, AutoregressiveVLMForConditionalGeneration, exist_ok=True
     )
+    # VLMImageProcessor is a PIL-backend image processor: AutoImageProcessor falls back to it whichever
+    # backend is asked for, since it is the only one registered
+    AutoImageProcessor.register(
+        AutoregressiveVLMConfig, image_processor_classes={"pil": VLMImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(AutoregressiveVLMConfig, VLMProcessor, exist_ok=True)

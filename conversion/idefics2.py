@@ -10,8 +10,10 @@ checkpoint may hold. The pieces, in the order a conversion uses them:
 - `convert_state_dict(state_dict, expected_keys=...)`: pure, no I/O; an unknown source key, or a missing or
   unexpected target key, raises `ValueError`.
 - `convert_config(idefics2_config)`: `Idefics2Config` → `AutoregressiveVLMConfig`.
+- `convert_processor(src, config)`: the source's tokenizer, image processor settings and chat template
+  → our `VLMProcessor`, its prompt layout taken from the converted config.
 - `convert_idefics2_checkpoint(src, dst)`: a checkpoint folder (config.json + safetensors, sharded or not)
-  → a vlmforge checkpoint folder, written atomically, with the tokenizer and processor files copied over.
+  → a vlmforge checkpoint folder (model, `VLMProcessor`, generation config), written atomically.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import Idefics2Config
+from transformers import AutoTokenizer, GenerationConfig, Idefics2Config
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from vlmforge.conversion.generation_config import chat_generation_config
 from vlmforge.conversion.siglip import SIGLIP_KEY_MAP, KeyMap, rename_state_dict, vision_config_from_siglip
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from vlmforge.modeling.modeling_autoregressive_vlm import AutoregressiveVLMForConditionalGeneration
+from vlmforge.processing.image_processing_vlm import VLMImageProcessor
+from vlmforge.processing.processing_vlm import VLMProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -63,17 +69,10 @@ IDEFICS2_KEY_MAP: KeyMap = [
     (r"lm_head\.weight", "lm_head.weight"),
 ]
 
-# Files beside the weights that a processor or `generate` needs; copied verbatim when present.
-PROCESSOR_FILE_PATTERNS = (
-    "tokenizer*.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.*",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
+# A source folder holding any of these has a tokenizer (and so can get a processor)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Keys of an Idefics2 image processor config that name classes rather than settings
+_IMAGE_PROCESSOR_BOOKKEEPING = {"image_processor_type", "processor_class", "_processor_class", "auto_map"}
 
 _TIED_KEY, _EMBED_KEY = "lm_head.weight", "model.text_model.embed_tokens.weight"
 
@@ -201,21 +200,83 @@ def _build_converted_model(
     return model.eval()
 
 
+def _image_processor_settings(src: Path) -> dict | None:
+    """The Idefics2 image processor settings saved in `src` (preprocessor_config.json or nested in
+    processor_config.json), restricted to the ones `VLMImageProcessor` takes; None when `src` has none."""
+    try:
+        saved, _ = VLMImageProcessor.get_image_processor_dict(src)
+    except OSError:  # transformers' "no image processor config here"
+        return None
+    accepted = VLMImageProcessor.valid_kwargs.__annotations__
+    ignored = sorted(set(saved) - set(accepted) - _IMAGE_PROCESSOR_BOOKKEEPING)
+    if ignored:
+        logger.warning(f"{src}: image processor settings {ignored} have no VLMImageProcessor equivalent; ignored.")
+    return {key: value for key, value in saved.items() if key in accepted}
+
+
+def convert_processor(src: str | Path, config: AutoregressiveVLMConfig) -> VLMProcessor | None:
+    """Our `VLMProcessor` for a converted Idefics2 checkpoint: the source's settings, the converted config's layout.
+
+    The tokenizer is the source's; the image processor takes the source's Idefics2 image processor settings (size,
+    do_image_splitting, mean/std, resample, ...) and the chat template is the source's (processor or tokenizer
+    config), so the processor reproduces `Idefics2Processor`'s inputs. `image_seq_len`, the patch size and the
+    image token ids come from `config` (`VLMProcessor.from_model_config`), the one source of truth.
+
+    Without image processor files, the default `VLMImageProcessor` and our Idefics2-format chat template are used;
+    without a tokenizer no processor can be built: returns None, with a warning.
+
+    Raises:
+        ValueError: the tokenizer's image token ids are not the config's (see `VLMProcessor.check_model_config`).
+    """
+    src = Path(src)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning(
+            f"{src} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the converted checkpoint gets no processor, and "
+            "its generation config cannot stop at <end_of_utterance>. Add a tokenizer and build one with "
+            "VLMProcessor.from_model_config(config, VLMImageProcessor(), tokenizer)."
+        )
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    settings = _image_processor_settings(src)
+    if settings is None:
+        logger.warning(
+            f"{src} has no image processor config; the converted checkpoint gets VLMImageProcessor's defaults."
+        )
+    processor_dict, _ = ProcessorMixin.get_processor_dict(src)
+    source_seq_len = processor_dict.get("image_seq_len")
+    if source_seq_len is not None and source_seq_len != config.image_seq_len:
+        logger.warning(
+            f"{src}: the processor's image_seq_len={source_seq_len} disagrees with the model's "
+            f"{config.image_seq_len} perceiver latents; the converted processor uses the model's."
+        )
+    chat_template = processor_dict.get("chat_template") or tokenizer.chat_template  # None: Idefics2's format
+    image_processor = VLMImageProcessor(**(settings or {}))
+    return VLMProcessor.from_model_config(config, image_processor, tokenizer, chat_template=chat_template)
+
+
 def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickle: bool = False) -> Path:
     """Convert the Idefics2 checkpoint folder `src` into a vlmforge checkpoint folder `dst`.
 
     Reads `config.json` and the weights (`*.safetensors`, sharded or not; pickled `pytorch_model*.bin` only
     with `allow_pickle=True`), converts and loads them strictly into `AutoregressiveVLMForConditionalGeneration`,
-    saves it with `save_pretrained`, and copies the tokenizer, processor and generation files
-    (`PROCESSOR_FILE_PATTERNS`). The folder is written beside `dst` under a temporary name and renamed into
-    place, so `dst` either appears complete or not at all.
+    and saves it with `save_pretrained`, together with:
+
+    - our `VLMProcessor` (`convert_processor`): the source's tokenizer, image processor settings and chat
+      template, so `AutoProcessor.from_pretrained(dst)` gives `Idefics2Processor`'s inputs; skipped, with a
+      warning, when the source has no tokenizer;
+    - a generation config (the source's `generation_config.json`, else the model's) whose EOS ids include the
+      tokenizer's EOS and `<end_of_utterance>` (`chat_generation_config`), so `generate` stops after a turn.
+
+    Everything is written beside `dst` under a temporary name and renamed into place, so `dst` either appears
+    complete or not at all.
 
     Returns:
         `dst` as a `Path`.
 
     Raises:
         ValueError: `dst` exists and is not an empty folder; `src` is not an Idefics2 checkpoint; the weights
-            are pickled without `allow_pickle`, unreadable, or do not match the config.
+            are pickled without `allow_pickle`, unreadable, or do not match the config; the tokenizer's image
+            token ids are not the config's.
     """
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -228,17 +289,18 @@ def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickl
 
     idefics2_config = Idefics2Config.from_pretrained(src)
     model = _build_converted_model(idefics2_config, _load_weights(src, allow_pickle=allow_pickle))
+    processor = convert_processor(src, model.config)
+    if (src / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    if processor is not None:
+        model.generation_config = chat_generation_config(processor.tokenizer, model.generation_config)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
-        model.save_pretrained(staging)
-        copied = []
-        for pattern in PROCESSOR_FILE_PATTERNS:
-            for file in sorted(src.glob(pattern)):
-                shutil.copy2(file, staging / file.name)
-                copied.append(file.name)
-        logger.info(f"Copied {copied or 'no'} tokenizer/processor files from {src}.")
+        model.save_pretrained(staging)  # weights, config.json, generation_config.json
+        if processor is not None:
+            processor.save_pretrained(staging)
         if dst.exists():
             dst.rmdir()  # empty (checked above); a rename cannot replace a folder on every platform
         os.replace(staging, dst)
@@ -251,8 +313,9 @@ def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickl
 
 __all__ = [
     "IDEFICS2_KEY_MAP",
-    "PROCESSOR_FILE_PATTERNS",
+    "TOKENIZER_FILES",
     "convert_config",
     "convert_idefics2_checkpoint",
+    "convert_processor",
     "convert_state_dict",
 ]

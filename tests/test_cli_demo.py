@@ -4,7 +4,9 @@ import importlib.metadata
 import os
 
 import pytest
+from transformers import AutoProcessor, GenerationConfig
 
+import vlmforge
 from vlmforge import cli
 from vlmforge.demo import run_demo
 
@@ -19,13 +21,18 @@ def test_run_demo_reports_visual_tokens_timings_and_generation(demo_result):
     _, result = demo_result
     expected = {
         "output_dir", "random_weights", "image_size", "pixel_values_shape", "patches_per_image",
-        "visual_tokens_per_image", "prompt_tokens", "generated_ids", "generated_text", "timings",
+        "visual_tokens_per_image", "num_image_tokens", "prompt", "prompt_tokens", "generated_ids", "generated_text",
+        "eos_token_ids", "stopped_at_eos", "timings",
     }
     assert expected <= result.keys()
     assert result["random_weights"] is True
-    # the perceiver pools every image, whatever its patch count, into 64 visual tokens
-    assert result["visual_tokens_per_image"] == 64
-    assert result["patches_per_image"] > 64
+    # the perceiver pools every image, whatever its patch count, into 64 visual tokens; the processor said so first
+    assert result["visual_tokens_per_image"] == result["num_image_tokens"] == 64
+    # native resolution: the 512 x 600 photograph is neither resized nor squared (36 x 42 patches of 14 px)
+    assert result["image_size"] == (512, 600) and result["pixel_values_shape"] == (1, 1, 3, 600, 512)
+    assert result["patches_per_image"] == 36 * 42
+    # the chat template's rendering, with the generation prompt
+    assert result["prompt"] == "User:<image>Describe the picture in one sentence.<end_of_utterance>\nAssistant:"
     assert 1 <= len(result["generated_ids"]) <= 5
     assert all(isinstance(token, int) for token in result["generated_ids"])
     assert isinstance(result["generated_text"], str)
@@ -37,6 +44,19 @@ def test_run_demo_writes_a_reloadable_checkpoint(demo_result):
     output_dir, _ = demo_result
     names = set(os.listdir(output_dir))
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
+    processor = AutoProcessor.from_pretrained(output_dir)
+    assert type(processor) is vlmforge.VLMProcessor
+    assert type(processor.image_processor) is vlmforge.VLMImageProcessor
+    assert processor.image_seq_len == 64
+
+
+def test_run_demo_checkpoint_stops_at_end_of_utterance(demo_result):
+    output_dir, result = demo_result
+    tokenizer = AutoProcessor.from_pretrained(output_dir).tokenizer
+    expected = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
+    assert GenerationConfig.from_pretrained(output_dir).eos_token_id == expected == result["eos_token_ids"]
+    # with random weights it may or may not stop early; either way the report says which
+    assert result["stopped_at_eos"] == (result["generated_ids"][-1] in expected)
 
 
 def test_run_demo_says_the_weights_are_random(tmp_path, capsys):

@@ -3,8 +3,10 @@
 What runs is the whole pipeline of the Idefics2 paper's final architecture: a SigLIP-style encoder reading
 the photograph at its native resolution and aspect ratio (Finding 5), a perceiver resampler pooling its
 patches into 64 visual tokens (Finding 4), the visual tokens spliced into a Llama decoder's input
-(Finding 2), a save → `AutoModelForVision2Seq.from_pretrained` round trip, and greedy generation from
-image features computed once.
+(Finding 2). The checkpoint is what every vlmforge writer produces: the model, its `VLMProcessor` (built from the
+model config, so image_seq_len and the image token ids cannot disagree) and a generation config that stops at
+`<end_of_utterance>`. The demo reloads it with `AutoProcessor` / `AutoModelForVision2Seq.from_pretrained`, writes
+the prompt with the processor's chat template, and generates greedily from image features computed once.
 
 The weights are RANDOM (nothing can be downloaded here), so the generated text is meaningless; the demo
 shows that the pieces fit together and how fast they run, not what a trained model says.
@@ -16,19 +18,21 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Idefics2Processor
-from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+from transformers import AutoProcessor
 from transformers.utils import logging
 
 from vlmforge.auto import AutoModelForVision2Seq
+from vlmforge.conversion.generation_config import chat_generation_config
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from vlmforge.modeling.modeling_autoregressive_vlm import AutoregressiveVLMForConditionalGeneration
+from vlmforge.processing.image_processing_vlm import VLMImageProcessor
+from vlmforge.processing.processing_vlm import VLMProcessor
 from vlmforge.toy_tokenizer import build_toy_tokenizer
 
 logger = logging.get_logger(__name__)
 
 DEMO_IMAGE = Path(__file__).parent / "assets" / "grace_hopper.jpg"
-DEMO_PROMPT = "User:<image>Describe the picture in one sentence.<end_of_utterance>\nAssistant:"
+DEMO_QUESTION = "Describe the picture in one sentence."
 DEMO_VOCAB_SIZE = 300
 RANDOM_WEIGHTS_NOTICE = (
     "vlmforge demo: the model has RANDOM weights (nothing is downloaded), so the generated text is meaningless; "
@@ -58,18 +62,15 @@ def demo_config(tokenizer) -> AutoregressiveVLMConfig:
 
 
 def _save_random_checkpoint(output_dir: Path, seed: int) -> None:
-    """Write a random-weight model, its tokenizer and its processor to `output_dir`."""
+    """Write a random-weight model, its processor (tokenizer included) and its generation config to `output_dir`."""
     tokenizer = build_toy_tokenizer(DEMO_VOCAB_SIZE)
-    # Idefics2's processor expands each `<image>` into <fake> <image>×64 <fake>, the layout our model reads;
-    # the PIL backend keeps torchvision out of the dependencies. vlmforge's own VLMProcessor replaces it later.
-    processor = Idefics2Processor(
-        image_processor=Idefics2ImageProcessorPil(do_image_splitting=False), tokenizer=tokenizer, image_seq_len=64
-    )
+    config = demo_config(tokenizer)
+    # the model config dictates the prompt layout (64 placeholders per image, the image token ids); the image
+    # processor keeps the paper's defaults: native resolution, 378 ≤ edges ≤ 980 px, no splitting unless asked
+    processor = VLMProcessor.from_model_config(config, VLMImageProcessor(), tokenizer)
     torch.manual_seed(seed)
-    model = AutoregressiveVLMForConditionalGeneration(demo_config(tokenizer))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = AutoregressiveVLMForConditionalGeneration(config)
+    model.generation_config = chat_generation_config(tokenizer, model.generation_config)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 
@@ -82,12 +83,15 @@ def _report(result: dict) -> str:
             f"image:             {result['image_size'][0]} x {result['image_size'][1]} px (w x h), "
             f"pixel_values {result['pixel_values_shape']}",
             f"patches per image: {result['patches_per_image']} at native resolution "
-            f"-> perceiver -> {result['visual_tokens_per_image']} visual tokens per image",
+            f"-> perceiver -> {result['visual_tokens_per_image']} visual tokens per image "
+            f"(processor.num_image_tokens: {result['num_image_tokens']})",
+            f"prompt:            {result['prompt']!r}",
             f"prompt tokens:     {result['prompt_tokens']}",
             f"timings:           build+save {t['build_and_save_s']:.2f} s, load {t['load_s']:.2f} s, "
             f"preprocess {t['preprocess_s']:.3f} s, encode image {t['encode_image_s']:.3f} s, "
             f"generate {t['generate_s']:.3f} s ({t['tokens_per_s']:.1f} tokens/s)",
-            f"generated ids:     {result['generated_ids']}",
+            f"generated ids:     {result['generated_ids']}  (stops at eos ids {result['eos_token_ids']}: "
+            f"</s> and <end_of_utterance>; {'stopped' if result['stopped_at_eos'] else 'ran to max_new_tokens'})",
             f"generated text:    {result['generated_text']!r}  (random weights: meaningless)",
         ]
     )
@@ -99,14 +103,16 @@ def run_demo(output_dir: str | Path | None = None, *, max_new_tokens: int = 20, 
     Args:
         output_dir: where the checkpoint (model, tokenizer, processor) is written; a temporary folder,
             removed afterwards, when None.
-        max_new_tokens: generation budget (greedy; it may stop earlier at `</s>`).
+        max_new_tokens: generation budget (greedy; it stops earlier at `</s>` or `<end_of_utterance>`).
         seed: seed of the random weights.
 
     Returns:
         dict with `output_dir`, `image_size` (w, h), `pixel_values_shape`, `patches_per_image`,
-        `visual_tokens_per_image`, `prompt_tokens`, `generated_ids` (list of ints, the new tokens only),
-        `generated_text`, `random_weights` (True) and `timings` (seconds: `build_and_save_s`, `load_s`,
-        `preprocess_s`, `encode_image_s`, `generate_s`; and `tokens_per_s`). The same facts are printed.
+        `visual_tokens_per_image` (what the model made of the image), `num_image_tokens` (what the processor
+        said it would cost, before processing), `prompt` (the chat template's rendering), `prompt_tokens`,
+        `generated_ids` (list of ints, the new tokens only), `generated_text`, `eos_token_ids` (the checkpoint's
+        generation config), `stopped_at_eos`, `random_weights` (True) and `timings` (seconds: `build_and_save_s`,
+        `load_s`, `preprocess_s`, `encode_image_s`, `generate_s`; and `tokens_per_s`). The same facts are printed.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
@@ -133,14 +139,19 @@ def _run(output_dir: Path, *, max_new_tokens: int, seed: int) -> dict:
 
     start = time.perf_counter()
     model = AutoModelForVision2Seq.from_pretrained(output_dir).eval()
-    processor = AutoProcessor.from_pretrained(output_dir)
+    processor = AutoProcessor.from_pretrained(output_dir)  # our VLMProcessor, checked against config.json
     timings["load_s"] = time.perf_counter() - start
     logger.info(f"Loaded {type(model).__name__} ({model.num_parameters():,} parameters) from {output_dir}")
 
-    start = time.perf_counter()
     with Image.open(DEMO_IMAGE) as image:
-        image_size = image.size
-        inputs = processor(images=[image], text=[DEMO_PROMPT], return_tensors="pt")
+        image.load()
+    image_size = image.size
+    content = [{"type": "image", "image": image}, {"type": "text", "text": DEMO_QUESTION}]
+    messages = [{"role": "user", "content": content}]
+    start = time.perf_counter()
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     timings["preprocess_s"] = time.perf_counter() - start
 
     with torch.inference_mode():
@@ -150,6 +161,7 @@ def _run(output_dir: Path, *, max_new_tokens: int, seed: int) -> dict:
         timings["encode_image_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        # no eos_token_id here: the checkpoint's generation config stops at </s> and <end_of_utterance>
         output_ids = model.generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -164,6 +176,7 @@ def _run(output_dir: Path, *, max_new_tokens: int, seed: int) -> dict:
     mask = inputs["pixel_attention_mask"][0, 0]  # (H, W), one image
     patch_rows, patch_cols = int(mask[:, 0].sum()) // patch_size, int(mask[0, :].sum()) // patch_size
     new_ids = output_ids[0, inputs["input_ids"].shape[1] :].tolist()
+    eos_token_ids = list(model.generation_config.eos_token_id)
     timings["tokens_per_s"] = len(new_ids) / timings["generate_s"]
     result = {
         "output_dir": str(output_dir),
@@ -172,9 +185,13 @@ def _run(output_dir: Path, *, max_new_tokens: int, seed: int) -> dict:
         "pixel_values_shape": tuple(inputs["pixel_values"].shape),
         "patches_per_image": patch_rows * patch_cols,
         "visual_tokens_per_image": int(features.image_features_mask.sum()) // num_images,
+        "num_image_tokens": processor.num_image_tokens(image_size[1], image_size[0]),
+        "prompt": processor.apply_chat_template(messages, add_generation_prompt=True),
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "generated_ids": new_ids,
         "generated_text": processor.decode(new_ids, skip_special_tokens=True),
+        "eos_token_ids": eos_token_ids,
+        "stopped_at_eos": bool(new_ids) and new_ids[-1] in eos_token_ids,
         "timings": timings,
     }
     print(_report(result), flush=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from .modeling_connector import Connector
 from .modeling_vision_encoder import VisionEncoder
+from .modeling_vision_stack import VisionLanguagePreTrainedModel, encode_images, pack_per_sample
 
 logger = logging.get_logger(__name__)
 
@@ -49,35 +50,10 @@ class AutoregressiveVLMCausalLMOutput(CausalLMOutputWithPast):
     image_features: torch.Tensor | None = None
 
 
-class AutoregressiveVLMPreTrainedModel(PreTrainedModel):
+class AutoregressiveVLMPreTrainedModel(VisionLanguagePreTrainedModel):
     config_class = AutoregressiveVLMConfig
     config: AutoregressiveVLMConfig
-    base_model_prefix = "model"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
     _no_split_modules = ["VisionEncoderLayer", "PerceiverLayer"]
-    _skip_keys_device_placement = "cache"
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-
-    def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
-    ) -> None:
-        """Enable activation checkpointing; non-reentrant unless `{"use_reentrant": True}` is passed.
-
-        transformers 5 routes the deprecated `gradient_checkpointing_enable` (and Trainer) here; overriding
-        that old name instead would make it the entry point and break `every_n_layers`/`offload`.
-        """
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
-
-
-def _patch_mask_from_pixel_mask(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, H, W) pixel mask → (N, H // p, W // p): a patch is real when all of its pixels are."""
-    patches = pixel_mask.unfold(1, patch_size, patch_size).unfold(2, patch_size, patch_size)  # (N, h, w, p, p)
-    return patches.flatten(3).all(dim=-1)
 
 
 class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
@@ -115,41 +91,11 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
             `ImageFeaturesOutput`: `image_features` (B, T, text_hidden) and `image_features_mask` (B, T).
             Pass both (e.g. `**output`) to `forward`/`generate` instead of `pixel_values`.
         """
-        if pixel_values.ndim == 4:
-            pixel_values = pixel_values[:, None]
-            pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[:, None]
-        if pixel_values.ndim != 5:
-            raise ValueError(
-                f"pixel_values must be (batch, images, channels, height, width), got shape {tuple(pixel_values.shape)}."
-            )
-        batch, max_images, channels, height, width = pixel_values.shape
-        if pixel_attention_mask is not None and pixel_attention_mask.shape != (batch, max_images, height, width):
-            raise ValueError(
-                f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
-                f"{(batch, max_images, height, width)} to match pixel_values {tuple(pixel_values.shape)}."
-            )
-        images = pixel_values.reshape(batch * max_images, channels, height, width).to(self.dtype)
-        # padding images (samples with fewer images than N_img) are all zeros: never encode them
-        is_real = (images != 0).flatten(1).any(dim=1)  # (B * N_img,)
-        if pixel_attention_mask is None:
-            pixel_mask = torch.ones(batch * max_images, height, width, dtype=torch.bool, device=images.device)
-        else:
-            pixel_mask = pixel_attention_mask.reshape(batch * max_images, height, width).bool()
-        patch_mask = _patch_mask_from_pixel_mask(pixel_mask[is_real], self.config.vision_config.patch_size)
-
-        patch_states = self.vision_model(images[is_real], patch_attention_mask=patch_mask, **kwargs).last_hidden_state
-        per_image = self.connector(patch_states, patch_mask.flatten(1), **kwargs)  # list of (tokens_i, D)
-
-        images_per_sample = is_real.view(batch, max_images).sum(dim=1).tolist()
-        per_sample, start = [], 0
-        for count in images_per_sample:
-            tokens = per_image[start : start + count]
-            per_sample.append(torch.cat(tokens) if tokens else patch_states.new_zeros(0, self.config.text_config.hidden_size))
-            start += count
-        lengths = torch.tensor([len(t) for t in per_sample], device=images.device)
-        features = nn.utils.rnn.pad_sequence(per_sample, batch_first=True)  # (B, T, D)
-        mask = torch.arange(features.shape[1], device=images.device)[None, :] < lengths[:, None]  # (B, T)
-        return ImageFeaturesOutput(image_features=features, image_features_mask=mask)
+        per_image, is_real = encode_images(
+            self.vision_model, self.connector, pixel_values, pixel_attention_mask, **kwargs
+        )
+        features, slots = pack_per_sample(per_image, is_real, hidden_size=self.config.text_config.hidden_size)
+        return ImageFeaturesOutput(image_features=features, image_features_mask=slots >= 0)
 
     def _image_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(B, S) bool: where the `<image>` placeholders are, from ids or, without ids, from their embedding."""

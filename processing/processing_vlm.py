@@ -4,7 +4,9 @@ One call turns images and text into model inputs: the images go through the imag
 optional 4 crops + whole image), and every `<image>` in the text becomes the fusion architecture's placeholders
 (`prompt_expansion.py`), counted from what the image processor actually produced under the *per-call* settings:
 
-    <image>  →  <fake_token_around_image> <image>×image_seq_len <fake_token_around_image>   per (sub-)image
+    autoregressive:   <image>  →  <fake_token_around_image> <image>×image_seq_len <fake_token_around_image>
+                                  per (sub-)image
+    cross-attention:  <image>  →  <image> (one marker per image), plus `image_attention_mask` (B, T, N)
 
 `image_seq_len` (None: one token per real 14 px patch, for `pooling="none"`), `patch_size` and the fusion type
 come from the model config (`VLMProcessor.from_model_config`); `from_pretrained` re-checks them, and the image
@@ -112,7 +114,8 @@ class VLMProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): Jinja template; defaults to Idefics2's format (`CHAT_TEMPLATE`).
 
     Call: `processor(images=..., text=..., do_image_splitting=..., padding=..., return_tensors="pt")` returns
-    `input_ids`, `attention_mask`, `pixel_values` (B, N_img, 3, H, W) and `pixel_attention_mask` (B, N_img, H, W).
+    `input_ids`, `attention_mask`, `pixel_values` (B, N_img, 3, H, W) and `pixel_attention_mask` (B, N_img, H, W);
+    for the cross-attention fusion also `image_attention_mask` (B, T, N_img), 1 where a token may see a sub-image.
     """
 
     valid_processor_kwargs = VLMProcessorKwargs
@@ -239,6 +242,17 @@ class VLMProcessor(ProcessorMixin):
             images_per_sample = [len(plan) for plan in plans]
             extra = self.prompt_expansion.extra_inputs(text_inputs["input_ids"], images_per_sample=images_per_sample)
             data.update(extra)
+            if any(images_per_sample):
+                # every image of a batch has the same number of sub-images (1, or 5 when splitting)
+                sub_images_per_image = next(len(image) for plan in plans for image in plan)
+                data.update(
+                    self.prompt_expansion.image_inputs(
+                        text_inputs["input_ids"],
+                        attention_mask=text_inputs.get("attention_mask"),
+                        images_per_sample=images_per_sample,
+                        sub_images_per_image=sub_images_per_image,
+                    )
+                )
             if return_offsets:
                 data["text_replacement_offsets"] = [offsets for _, offsets in expanded]
             if return_mm_token_type_ids:

@@ -67,6 +67,51 @@ def tiny_autoregressive_model(text_model_type: str = "llama", seed: int = 0, **o
     return vlmforge.AutoregressiveVLMForConditionalGeneration(config).eval()
 
 
+def tiny_cross_attention_config(text_model_type: str = "llama", **overrides) -> vlmforge.CrossAttentionVLMConfig:
+    """conftest's tiny vision encoder and connector; a 3-layer LM with blocks before layers 0 and 2, so that
+    fused and plain decoder layers both occur."""
+    kwargs = dict(
+        vision_config=tiny_vision_config(),
+        connector_config=tiny_connector_config(),
+        text_config=tiny_text_config(text_model_type, num_hidden_layers=3),
+        image_token_id=IMAGE_TOKEN_ID,
+        cross_attention_every_n_layers=2,
+    )
+    kwargs.update(overrides)
+    return vlmforge.CrossAttentionVLMConfig(**kwargs)
+
+
+def tiny_cross_attention_model(text_model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny cross-attention VLM; pass gate_init=0.5 (say) for blocks that change the output."""
+    torch.manual_seed(seed)
+    config = tiny_cross_attention_config(text_model_type, **overrides)
+    return vlmforge.CrossAttentionVLMForConditionalGeneration(config).eval()
+
+
+def marker_prompt(n_images: int, text=(5, 6, 7), between=(10, 11)) -> list[int]:
+    """Token ids in the cross-attention layout: text, then per image one <image> marker followed by text."""
+    ids = [1, *text]
+    for _ in range(n_images):
+        ids += [IMAGE_TOKEN_ID, *between]
+    return ids
+
+
+def image_attention_mask_for(
+    input_ids: torch.Tensor, rule: str = "latest", *, sub_images: int = 1, num_slots: int | None = None
+) -> torch.Tensor:
+    """(B, T, N_img) long, what the processor computes: token t sees image j from image j's marker on — up to
+    image j + 1's marker with rule "latest", to the end with "all_previous". Image j owns slots
+    j * sub_images … (j + 1) * sub_images - 1, which share a column; N_img defaults to the most images."""
+    markers = [(row == IMAGE_TOKEN_ID).nonzero()[:, 0].tolist() for row in input_ids]
+    num_slots = num_slots or max(len(m) for m in markers) * sub_images
+    mask = torch.zeros(*input_ids.shape, num_slots, dtype=torch.long)
+    for b, positions in enumerate(markers):
+        for j, start in enumerate(positions):
+            end = positions[j + 1] if rule == "latest" and j + 1 < len(positions) else input_ids.shape[1]
+            mask[b, start:end, j * sub_images : (j + 1) * sub_images] = 1
+    return mask
+
+
 def image_prompt(n_images: int, image_seq_len: int, text=(5, 6, 7)) -> list[int]:
     """Token ids in Idefics2's layout: text, then per image <fake> <image>×image_seq_len, a closing <fake>."""
     ids = [1, *text]

@@ -14,12 +14,17 @@ from transformers import (
 
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from vlmforge.modeling.configuration_connector import ConnectorConfig
+from vlmforge.modeling.configuration_cross_attention_vlm import CrossAttentionVLMConfig
 from vlmforge.modeling.configuration_vision_encoder import VisionEncoderConfig
 from vlmforge.modeling.modeling_autoregressive_vlm import (
     AutoregressiveVLMForConditionalGeneration,
     AutoregressiveVLMModel,
 )
 from vlmforge.modeling.modeling_connector import Connector
+from vlmforge.modeling.modeling_cross_attention_vlm import (
+    CrossAttentionVLMForConditionalGeneration,
+    CrossAttentionVLMModel,
+)
 from vlmforge.modeling.modeling_vision_encoder import VisionEncoder
 from vlmforge.processing.image_processing_vlm import VLMImageProcessor
 from vlmforge.processing.processing_vlm import VLMProcessor
@@ -36,7 +41,7 @@ class AutoModelForVision2Seq(AutoModelForImageTextToText):
 
 def register_auto_classes() -> None:
     """Register our configs, models and processors with transformers' Auto classes (idempotent)."""
-    for config_class in (VisionEncoderConfig, ConnectorConfig, AutoregressiveVLMConfig):
+    for config_class in (VisionEncoderConfig, ConnectorConfig, AutoregressiveVLMConfig, CrossAttentionVLMConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(VisionEncoderConfig, VisionEncoder, exist_ok=True)
     AutoModel.register(ConnectorConfig, Connector, exist_ok=True)
@@ -44,9 +49,18 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(
         AutoregressiveVLMConfig, AutoregressiveVLMForConditionalGeneration, exist_ok=True
     )
+    AutoModel.register(CrossAttentionVLMConfig, CrossAttentionVLMModel, exist_ok=True)
+    AutoModelForImageTextToText.register(
+        CrossAttentionVLMConfig, CrossAttentionVLMForConditionalGeneration, exist_ok=True
+    )
     # VLMImageProcessor is a PIL-backend image processor: AutoImageProcessor falls back to it whichever
     # backend is asked for, since it is the only one registered
     AutoImageProcessor.register(
         AutoregressiveVLMConfig, image_processor_classes={"pil": VLMImageProcessor}, exist_ok=True
     )
     AutoProcessor.register(AutoregressiveVLMConfig, VLMProcessor, exist_ok=True)
+    # one processor class for both fusions: the config's model_type picks the prompt form
+    AutoImageProcessor.register(
+        CrossAttentionVLMConfig, image_processor_classes={"pil": VLMImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(CrossAttentionVLMConfig, VLMProcessor, exist_ok=True)

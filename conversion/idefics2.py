@@ -19,19 +19,15 @@ checkpoint may hold. The pieces, in the order a conversion uses them:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, Idefics2Config
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from vlmforge.conversion.checkpoint_io import atomic_output_dir, check_destination, load_weights
 from vlmforge.conversion.generation_config import chat_generation_config
 from vlmforge.conversion.siglip import SIGLIP_KEY_MAP, KeyMap, rename_state_dict, vision_config_from_siglip
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
@@ -132,43 +128,6 @@ def convert_config(idefics2_config: Idefics2Config | Mapping) -> AutoregressiveV
         use_cache=idefics2_config.use_cache,
         dtype=idefics2_config.dtype,
     )
-
-
-def _load_weights(src: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in `src`: safetensors (one file or shards), else opted-in pickles."""
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [src / name for name in shard_names]
-    else:
-        files = sorted(src.glob("*.safetensors"))
-    pickles = sorted(src.glob("pytorch_model*.bin"))
-    if not files and pickles and not allow_pickle:
-        raise ValueError(
-            f"{src} holds only pickled weights ({[p.name for p in pickles]}). Unpickling can run arbitrary code; "
-            "convert them to safetensors, or pass allow_pickle=True if you trust their origin."
-        )
-    if not files and not pickles:
-        raise ValueError(f"{src} holds no weights: expected model.safetensors or model-XXXXX-of-XXXXX.safetensors.")
-    if not files:
-        logger.warning(f"Loading pickled weights from {src} (allow_pickle=True).")
-        files = pickles
-
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            if file.suffix == ".safetensors":
-                part = load_file(file)
-            else:  # opted in; weights_only still refuses anything but tensors and plain containers
-                part = torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise ValueError(f"Could not read weights from {file}: {error}") from error
-        duplicated = state_dict.keys() & part.keys()
-        if duplicated:
-            raise ValueError(f"{file.name} repeats keys from another shard, e.g. {sorted(duplicated)[:3]}.")
-        state_dict.update(part)
-    logger.info(f"Read {len(state_dict)} tensors from {len(files)} file(s) in {src}.")
-    return state_dict
 
 
 def _build_converted_model(
@@ -279,8 +238,7 @@ def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickl
             token ids are not the config's.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"Destination {dst} already exists and is not an empty folder; choose a new path.")
+    check_destination(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} is not a checkpoint folder: it has no config.json.")
     model_type = json.loads((src / "config.json").read_text()).get("model_type")
@@ -288,25 +246,17 @@ def convert_idefics2_checkpoint(src: str | Path, dst: str | Path, *, allow_pickl
         raise ValueError(f"{src}/config.json has model_type={model_type!r}; expected 'idefics2'.")
 
     idefics2_config = Idefics2Config.from_pretrained(src)
-    model = _build_converted_model(idefics2_config, _load_weights(src, allow_pickle=allow_pickle))
+    model = _build_converted_model(idefics2_config, load_weights(src, allow_pickle=allow_pickle))
     processor = convert_processor(src, model.config)
     if (src / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(src)
     if processor is not None:
         model.generation_config = chat_generation_config(processor.tokenizer, model.generation_config)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
+    with atomic_output_dir(dst) as staging:
         model.save_pretrained(staging)  # weights, config.json, generation_config.json
         if processor is not None:
             processor.save_pretrained(staging)
-        if dst.exists():
-            dst.rmdir()  # empty (checked above); a rename cannot replace a folder on every platform
-        os.replace(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info(f"Converted Idefics2 checkpoint {src} → {dst}.")
     return dst
 

@@ -361,17 +361,7 @@ class CrossAttentionVLMForConditionalGeneration(CrossAttentionVLMPreTrainedModel
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            vocab_size = self.config.text_config.vocab_size
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        logits, loss = self.logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
         return CrossAttentionVLMCausalLMOutput(
             loss=loss,
             logits=logits,

@@ -40,6 +40,26 @@ class VisionLanguagePreTrainedModel(PreTrainedModel):
         """Parameters per part (vision encoder, connector, cross-attention, language model, lm_head)."""
         return parameter_breakdown(self)
 
+    def logits_and_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head of a `...ForConditionalGeneration`: (B, S, D) hidden states → logits (B, S', vocab),
+        S' = S or the `logits_to_keep` positions, and the next-token loss when `labels` (B, S) are given
+        (only label -100 is ignored)."""
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        if labels is None:
+            return logits, None
+        vocab_size = self.config.text_config.vocab_size
+        return logits, self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+
 
 def patch_mask_from_pixel_mask(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(N, H, W) pixel mask → (N, H // p, W // p): a patch is real when all of its pixels are."""

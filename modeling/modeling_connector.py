@@ -149,6 +149,15 @@ class Connector(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        # A new connector must break symmetry and pass a signal. With a fixed std of 0.02 the projection and the
+        # perceiver scale activations by ~0.02 * sqrt(width) per layer, so the visual tokens start near zero and
+        # the LM learns the answer prior, ignoring the image (measured in issue 6: the loss never leaves the
+        # prior). Fan-in scaling, std = 1 / sqrt(in_features), keeps activations O(1) at every width.
+        # Loading a checkpoint is unaffected: only missing parameters are initialised.
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         # Idefics2 fills the latents with ones: identical latents get identical gradients, so they could
         # never become different queries. Draw them from N(0, 1) instead.
         if isinstance(module, PerceiverResampler):

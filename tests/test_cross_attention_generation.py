@@ -5,6 +5,8 @@ keys/values, beams, and unknown keywords refused."""
 import pytest
 import torch
 from conftest import (
+    FAKE_IMAGE_TOKEN_ID,
+    IMAGE_TOKEN_ID,
     CallCounter,
     image_attention_mask_for,
     left_pad,
@@ -15,12 +17,15 @@ from conftest import (
 
 NEW_TOKENS = 6
 GATE = 0.5
+MARKER_IDS = [IMAGE_TOKEN_ID, FAKE_IMAGE_TOKEN_ID]
 
 
 def generating_model(text_model_type: str = "llama", rule: str = "latest"):
-    """Open gates (the images matter) and no eos, so every sequence gets exactly NEW_TOKENS tokens."""
+    """Open gates (the images matter) and no eos, so every sequence gets exactly NEW_TOKENS tokens. The image
+    marker tokens are suppressed: a random model may pick one, and a generated marker would be a new image."""
     model = tiny_cross_attention_model(text_model_type, gate_init=GATE, image_rule=rule)
     model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = MARKER_IDS
     return model
 
 
@@ -44,7 +49,9 @@ def recomputed_greedy(model, input_ids, pixel_values, image_attention_mask, step
                 image_attention_mask=image_attention_mask,
                 use_cache=False,
             )
-            input_ids = torch.cat([input_ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = out.logits[:, -1].clone()
+            logits[:, MARKER_IDS] = float("-inf")  # as generation_config.suppress_tokens does
+            input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
             image_attention_mask = torch.cat([image_attention_mask, image_attention_mask[:, -1:]], dim=1)
     return input_ids
 

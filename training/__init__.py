@@ -1,4 +1,4 @@
-"""vlmforge.training — collator, freezing/LoRA policies, stability callbacks (Idefics2 paper, section 3.3).
+"""vlmforge.training — collator, freezing/LoRA policies, stability callbacks, recipes, synthetic VQA (Idefics2 paper, section 3.3).
 
 Names load lazily: `import vlmforge.training` pulls in neither PEFT nor the Trainer.
 """
@@ -20,6 +20,10 @@ _EXPORTS = {
     "NonFiniteLossError": "stability",
     "enable_activation_checkpointing": "stability",
     "uses_reentrant_checkpointing": "stability",
+    "TrainRecipe": "recipe",
+    "run_recipe": "recipe",
+    "SyntheticVQADataset": "synthetic_vqa",
+    "evaluate_vqa": "synthetic_vqa",
 }
 
 

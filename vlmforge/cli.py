@@ -1,10 +1,11 @@
 """The `vlmforge` command: each sub-command parses its arguments into a dataclass and calls one library function.
 
-    vlmforge demo [--output-dir DIR] [--max-new-tokens N] [--seed S]
+    vlmforge demo [--output-dir DIR] [--max-new-tokens N] [--seed S] [--random-weights]
     vlmforge convert idefics2 SRC DST [--allow-pickle]
     vlmforge build --vision DIR --text DIR --output DIR [--fusion F] [--pooling P] [--image-size N] [...]
     vlmforge export CHECKPOINT OUT [--max-shard-size 5GB] [--push-to-hub REPO_ID] [--private] [...]
     vlmforge merge-lora BASE ADAPTER OUT [--max-shard-size 5GB] [--overwrite] [--allow-pickle]
+    vlmforge train RECIPE.yaml [--resume]
 
 The arguments of a sub-command are the fields of its dataclass (a field's `help` metadata is its help text;
 a field without a default is positional, or a required `--option` when its metadata says `option`; a `bool`
@@ -29,18 +30,23 @@ def _required_option(text: str) -> dict:
 
 @dataclasses.dataclass
 class DemoArgs:
-    """Build, save, reload and run a small RANDOM-weight VLM on a real photograph; print timings."""
+    """Ask the embedded trained demo checkpoint about fresh synthetic images and print answers beside the truth;
+    without that checkpoint (or with --random-weights), build and run a small RANDOM-weight VLM on a photograph."""
 
     output_dir: str | None = dataclasses.field(
-        default=None, metadata=_help("folder for the demo checkpoint (default: a temporary folder, removed after)")
+        default=None,
+        metadata=_help("folder for a copy of the checkpoint (trained demo: and the images asked about); default: none"),
     )
-    max_new_tokens: int = dataclasses.field(default=20, metadata=_help("tokens to generate"))
-    seed: int = dataclasses.field(default=0, metadata=_help("seed of the random weights"))
+    max_new_tokens: int = dataclasses.field(default=20, metadata=_help("tokens to generate (random demo)"))
+    seed: int = dataclasses.field(default=0, metadata=_help("seed of the images (trained) or of the random weights"))
+    random_weights: bool = dataclasses.field(
+        default=False, metadata=_help("run the random-weight demo even when the trained checkpoint is there")
+    )
 
     def run(self) -> None:
-        from vlmforge.demo import run_demo
+        from vlmforge.demo import demo
 
-        run_demo(self.output_dir, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        demo(self.output_dir, max_new_tokens=self.max_new_tokens, seed=self.seed, random_weights=self.random_weights)
 
 
 @dataclasses.dataclass
@@ -175,6 +181,23 @@ class MergeLoraArgs:
         print(f"vlmforge merge-lora: wrote {written}")
 
 
+@dataclasses.dataclass
+class TrainArgs:
+    """Train as a recipe YAML says (model, data, policies, TrainingArguments); save the result with its processor.
+    Works under `accelerate launch` (data-parallel)."""
+
+    recipe: str = dataclasses.field(metadata=_help("recipe YAML file (see recipes/demo.yaml)"))
+    resume: bool = dataclasses.field(
+        default=False, metadata=_help("continue from the last checkpoint-* in the recipe's output_dir")
+    )
+
+    def run(self) -> None:
+        from vlmforge.training.recipe import run_recipe
+
+        written = run_recipe(self.recipe, resume=self.resume)
+        print(f"vlmforge train: wrote {written}")
+
+
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, args_class: type) -> None:
     hints = typing.get_type_hints(args_class)
     for field in dataclasses.fields(args_class):
@@ -213,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlmforge", description="Build, convert and run vision-language models the Idefics2 paper's way."
     )
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
-    _add_command(commands, "demo", DemoArgs, "run the end-to-end demo (random weights) on a real photograph")
+    _add_command(commands, "demo", DemoArgs, "run the end-to-end demo (the trained checkpoint, else random weights)")
 
     convert = commands.add_parser("convert", help="convert a checkpoint from another format into vlmforge's")
     formats = convert.add_subparsers(title="source formats", dest="format", metavar="FORMAT", required=True)
@@ -221,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "build", BuildArgs, "build a VLM from a SigLIP encoder and a causal LM")
     _add_command(commands, "export", ExportArgs, "write a hub-ready folder (remote code, model card); push it")
     _add_command(commands, "merge-lora", MergeLoraArgs, "merge a LoRA adapter into its base checkpoint")
+    _add_command(commands, "train", TrainArgs, "train a model as a recipe YAML says (Trainer, PEFT, accelerate)")
     return parser
 
 

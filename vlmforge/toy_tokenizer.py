@@ -20,14 +20,16 @@ Vision and language models answer questions about images, read documents, charts
 """
 
 
-def build_toy_tokenizer(vocab_size: int = 100) -> PreTrainedTokenizerFast:
+def build_toy_tokenizer(vocab_size: int = 100, *, extra_corpus: str = "") -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` of exactly `vocab_size` ids, the three image tokens last.
 
     Ids 0-3 are `<pad>`, `<s>` (bos), `</s>` (eos) and `<unk>`. Training is deterministic, so two calls
-    give the same ids.
+    give the same ids. `extra_corpus` is trained on as well, weighted like the built-in paragraph, so a task's
+    own words (e.g. `synthetic_vqa.vocabulary_text()`) become whole tokens when `vocab_size` allows.
     """
+    corpus = _CORPUS + extra_corpus
     reserved = len(BASE_SPECIAL_TOKENS) + len(IMAGE_SPECIAL_TOKENS)
-    alphabet = sorted(set(_CORPUS.lower()) - {" ", "\n"})
+    alphabet = sorted(set(corpus.lower()) - {" ", "\n"})
     if vocab_size < reserved + len(alphabet):
         raise ValueError(
             f"vocab_size={vocab_size} is too small: the special tokens and the {len(alphabet)}-character alphabet "
@@ -43,7 +45,7 @@ def build_toy_tokenizer(vocab_size: int = 100) -> PreTrainedTokenizerFast:
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
     # a small corpus can run out of merges before the target size: pad with unused filler tokens
     missing = vocab_size - len(IMAGE_SPECIAL_TOKENS) - tokenizer.get_vocab_size()
     tokenizer.add_tokens([f"<unused_{i}>" for i in range(missing)])

@@ -142,3 +142,15 @@ def test_generate_from_precomputed_image_features_equals_from_pixels():
 
     assert encoder.calls == 0
     assert torch.equal(from_features, from_pixels)
+
+
+def test_beam_search_from_precomputed_image_features_equals_from_pixels():
+    """generate expands (B, ...) model kwargs per beam: features (B, T, D) and their mask must expand alike."""
+    model = tiny_autoregressive_model()
+    input_ids = torch.tensor([image_prompt(1, model.config.image_seq_len)])
+    torch.manual_seed(3)
+    pixel_values = torch.randn(1, 1, 3, 56, 42)
+    from_pixels = model.generate(input_ids=input_ids, pixel_values=pixel_values, num_beams=2, max_new_tokens=5)
+    features = model.get_image_features(pixel_values)
+    from_features = model.generate(input_ids=input_ids, **features, num_beams=2, max_new_tokens=5)
+    assert torch.equal(from_features, from_pixels)

@@ -240,8 +240,6 @@ class VLMProcessor(ProcessorMixin):
             self._check_placeholders_survived(prompts, text_inputs["input_ids"], text_kwargs)
             data.update(text_inputs)
             images_per_sample = [len(plan) for plan in plans]
-            extra = self.prompt_expansion.extra_inputs(text_inputs["input_ids"], images_per_sample=images_per_sample)
-            data.update(extra)
             if any(images_per_sample):
                 # every image of a batch has the same number of sub-images (1, or 5 when splitting)
                 sub_images_per_image = next(len(image) for plan in plans for image in plan)

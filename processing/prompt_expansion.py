@@ -11,7 +11,7 @@ The user writes one `<image>` per image. Each fusion architecture turns it into 
 
 Each form is a small strategy class registered under its config's `model_type` in `PROMPT_EXPANSIONS`, so the
 processor picks one with a dict lookup, never an `if` ladder. A new form subclasses `PromptExpansion`,
-implements `replacement` (and, if it needs more model inputs, `extra_inputs` or `image_inputs`), and decorates
+implements `replacement` (and, if it needs more model inputs, `image_inputs`), and decorates
 itself with `@register_prompt_expansion`.
 """
 
@@ -101,10 +101,6 @@ class PromptExpansion:
             new_position += len(text) + len(after)
         return "".join(expanded), offsets
 
-    def extra_inputs(self, input_ids: list[list[int]], *, images_per_sample: list[int]) -> dict:
-        """Model inputs besides `input_ids` that this form derives from the token ids (none by default)."""
-        return {}
-
     def image_inputs(
         self,
         input_ids: list[list[int]],
@@ -115,11 +111,10 @@ class PromptExpansion:
     ) -> dict:
         """Model inputs that relate the tokens to the processed sub-images (none by default).
 
-        Unlike `extra_inputs`, this hook also sees how the images lie in `pixel_values` (B, N, 3, H, W): image k
+        Called only when the batch has images. It sees how they lie in `pixel_values` (B, N, 3, H, W): image k
         of a sample is sub-images `k * sub_images_per_image` … `(k + 1) * sub_images_per_image - 1`, and
         N = max(images_per_sample) * sub_images_per_image (samples with fewer images are padded with blank
         sub-images). `attention_mask` (None if the caller asked for none) marks padding tokens with 0.
-        The processor calls it only when the batch has images.
         """
         return {}
 

@@ -96,7 +96,7 @@ def test_a_new_prompt_form_plugs_in_by_registration(photos, monkeypatch):
         def replacement(self, sub_image_tokens, *, before, after):
             return I
 
-        def extra_inputs(self, input_ids, *, images_per_sample):
+        def image_inputs(self, input_ids, *, attention_mask, images_per_sample, sub_images_per_image):
             return {"marker_count": [list(ids).count(self.token_ids.image) for ids in input_ids]}
 
     monkeypatch.setitem(PROMPT_EXPANSIONS, OneMarkerPerImage.model_type, OneMarkerPerImage)

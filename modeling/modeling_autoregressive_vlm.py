@@ -135,6 +135,21 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
         inputs_embeds[placeholder_mask] = valid.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds
 
+    def _zero_through_vision_path(self) -> torch.Tensor:
+        """A 0-d zero that depends on every vision-encoder and connector parameter (for training without images).
+
+        Data-parallel training (DDP without `find_unused_parameters`, as Trainer sets it under activation
+        checkpointing) waits for a gradient of every trainable parameter in every process: a batch without images
+        would leave the vision path out of one process's graph and hang the others. Adding 0 × (the visual tokens of
+        one patch-sized dummy image) to the text changes no value and gives that path an exactly-zero gradient.
+        """
+        vision = self.config.vision_config
+        device = self.vision_model.device  # the meta device when a device map offloads it: its hooks move inputs
+        shape = (1, 1, vision.num_channels, vision.patch_size, vision.patch_size)  # (B, N_img, C, p, p)
+        pixels = torch.ones(shape, device=None if device.type == "meta" else device)
+        tokens, _ = encode_images(self.vision_model, self.connector, pixels)  # [(T, text_hidden)]
+        return 0.0 * tokens[0].sum()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -154,6 +169,8 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
         input_ids (B, S) or inputs_embeds (B, S, D); pixel_values (B, N_img, C, H, W) with
         pixel_attention_mask (B, N_img, H, W), or precomputed image_features (B, T, D) with
         image_features_mask (B, T) from `get_image_features`. Returns last_hidden_state (B, S, D) and the cache.
+        In training (grad enabled), a batch without images still runs the vision path on one dummy image and adds
+        exactly 0 to the text, so that data-parallel processes agree on which parameters get gradients.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -170,6 +187,9 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
             inputs_embeds = self.merge_image_features(
                 inputs_embeds, placeholder_mask, image_features, image_features_mask
             )
+        if self.training and torch.is_grad_enabled() and (image_features is None or image_features.shape[1] == 0):
+            zero = self._zero_through_vision_path()  # no image in the batch: the vision path still gets a gradient
+            inputs_embeds = inputs_embeds + zero.to(inputs_embeds.device, inputs_embeds.dtype)
 
         kwargs["return_dict"] = True
         outputs = self.text_model(

@@ -93,6 +93,17 @@ class CrossAttentionVLMPreTrainedModel(VisionLanguagePreTrainedModel):
         super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
 
+def _block_image_key_values(
+    block: GatedCrossAttentionBlock, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M, D) visual tokens → `block`'s keys and values, each (B, H_kv, M, Dh), in the block's dtype and on its
+    device: a device map may place the connector and the block on different devices. (Weights offloaded by a device
+    map sit on the meta device; accelerate's hooks then move the inputs to where the weights are brought.)"""
+    weight = block.cross_attn.k_proj.weight
+    device = None if weight.device.type == "meta" else weight.device
+    return block.cross_attn.image_key_values(features.to(device=device, dtype=weight.dtype))
+
+
 def images_per_sample(image_attention_mask: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
     """(B,) images per sample: runs of real slots whose `image_attention_mask` columns are identical.
 
@@ -161,8 +172,32 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             self.vision_model, self.connector, pixel_values, pixel_attention_mask, **kwargs
         )
         features, token_slots = pack_per_sample(tokens, real_images, hidden_size=self.config.text_config.hidden_size)
-        key_values = tuple(block.cross_attn.image_key_values(features) for block in self.cross_attention_blocks)
+        key_values = tuple(_block_image_key_values(block, features) for block in self.cross_attention_blocks)
         return ImageKeyValues(key_values=key_values, token_slots=token_slots, real_images=real_images)
+
+    def _zero_through_image_path(self) -> torch.Tensor:
+        """A 0-d zero that depends on every vision-encoder, connector and cross-attention-block parameter.
+
+        Data-parallel training (DDP without `find_unused_parameters`, as Trainer sets it under activation
+        checkpointing) waits for a gradient of every trainable parameter in every process: a batch without images
+        would leave the image path out of one process's graph and hang the others. Adding 0 × (every block run on
+        the visual tokens of one patch-sized dummy image) to the text changes no value and gives that path an
+        exactly-zero gradient.
+        """
+        vision = self.config.vision_config
+        device = self.vision_model.device  # the meta device when a device map offloads it: its hooks move inputs
+        shape = (1, 1, vision.num_channels, vision.patch_size, vision.patch_size)  # (B, N_img, C, p, p)
+        pixels = torch.ones(shape, device=None if device.type == "meta" else device)
+        tokens, _ = encode_images(self.vision_model, self.connector, pixels)  # [(T, D)]
+        features = tokens[0][None]  # (1, T, D)
+        sums = [features.sum()]
+        for block in self.cross_attention_blocks:
+            key, value = _block_image_key_values(block, features)  # (1, H_kv, T, Dh) each
+            query = features[:, :1].to(key.device)  # (1, 1, D): one visual token stands in for a text token
+            mask, has_image = key.new_zeros(1, 1, 1, key.shape[2]), key.new_ones(1, 1, 1)
+            attended = block(query, key=key, value=value, attention_mask=mask, has_image=has_image)  # (1, 1, D)
+            sums.append(attended.sum().to(features.device))
+        return 0.0 * torch.stack(sums).sum()
 
     def _image_marker_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(B, S) bool: where the `<image>` markers are, from ids or, without ids, from their embedding."""
@@ -204,10 +239,12 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             )
 
     def _cross_attention_inputs(
-        self, image_key_values: ImageKeyValues, image_attention_mask: torch.Tensor, dtype: torch.dtype
+        self, image_key_values: ImageKeyValues, image_attention_mask: torch.Tensor, inputs_embeds: torch.Tensor
     ) -> CrossAttentionInputs | None:
-        """Expand the (B, S, N_img) image mask to the visual tokens, once per forward call for all blocks."""
-        token_slots = image_key_values.token_slots  # (B, M)
+        """Expand the (B, S, N_img) image mask to the visual tokens, once per forward call for all blocks; the masks
+        are in the dtype and on the device of the text's (B, S, D) `inputs_embeds`."""
+        dtype = inputs_embeds.dtype
+        token_slots = image_key_values.token_slots.to(inputs_embeds.device)  # (B, M)
         if token_slots.shape[1] == 0:  # no real image in the whole batch
             return None
         image_attention_mask = image_attention_mask.to(device=token_slots.device, dtype=torch.bool)
@@ -251,6 +288,8 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
         When pixel_values are encoded, each sample must hold one `<image>` marker per image, an image being a run
         of real slots with identical mask columns (the sub-images of a split image; see `images_per_sample`);
         a mismatch, or a mask of the wrong shape, raises a ValueError naming both sides.
+        In training (grad enabled), a batch without images still runs the vision path and every block on one dummy
+        image and adds exactly 0 to the text, so that data-parallel processes agree on which parameters get gradients.
         Returns last_hidden_state (B, S, D), the cache and the `image_key_values` used.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -277,9 +316,10 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
 
         cross_attention_inputs = None
         if image_key_values is not None:
-            cross_attention_inputs = self._cross_attention_inputs(
-                image_key_values, image_attention_mask, inputs_embeds.dtype
-            )
+            cross_attention_inputs = self._cross_attention_inputs(image_key_values, image_attention_mask, inputs_embeds)
+        if self.training and torch.is_grad_enabled() and cross_attention_inputs is None:
+            zero = self._zero_through_image_path()  # no image in the batch: the image path still gets a gradient
+            inputs_embeds = inputs_embeds + zero.to(inputs_embeds.device, inputs_embeds.dtype)
         kwargs["return_dict"] = True
         outputs = self.text_model(
             inputs_embeds=inputs_embeds,

@@ -2,6 +2,8 @@
 end to end (also data-parallel under `accelerate launch`)."""
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +22,15 @@ from transformers import AutoProcessor, TrainerCallback
 from vlmforge import cli
 from vlmforge.auto import AutoModelForVision2Seq
 from vlmforge.training.collator import IGNORE_INDEX, VLMDataCollator
-from vlmforge.training.recipe import TrainRecipe, build_from_scratch, build_trainer, load_data_source, run_recipe
+from vlmforge.training.recipe import (
+    TrainRecipe,
+    _check_distributed,
+    build_from_scratch,
+    build_trainer,
+    load_data_source,
+    run_recipe,
+    training_arguments,
+)
 from vlmforge.training.synthetic_vqa import answer_vocabulary, evaluate_vqa
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -215,3 +226,46 @@ def test_accelerate_launch_two_cpu_processes_runs_vlmforge_train(tmp_path):
     state = json.loads((Path(recipe.output_dir) / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(0.4)
     assert AutoModelForVision2Seq.from_pretrained(recipe.final_dir).num_parameters() > 0
+
+
+# ---- distributed settings ---------------------------------------------------------------------------------------
+
+
+def test_fsdp_and_ddp_settings_reach_training_arguments(tmp_path):
+    fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": ["VisionEncoderLayer", "LlamaDecoderLayer"]}
+    recipe = ci_recipe(tmp_path, fsdp=True, fsdp_config=fsdp_config, ddp_find_unused_parameters=False)
+    arguments = training_arguments(recipe)
+    assert arguments.fsdp_plugin_args["fsdp_version"] == 2
+    assert arguments.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "VisionEncoderLayer,LlamaDecoderLayer"
+    assert arguments.ddp_find_unused_parameters is False
+    assert arguments.output_dir == recipe.output_dir and arguments.remove_unused_columns is False
+
+
+def test_deepspeed_setting_reaches_training_arguments(tmp_path):
+    recipe = ci_recipe(tmp_path, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 16})
+    if importlib.util.find_spec("deepspeed") is None:  # TrainingArguments asks for the package: the key got there
+        with pytest.raises(importlib.metadata.PackageNotFoundError, match="deepspeed"):
+            training_arguments(recipe)
+    else:
+        assert training_arguments(recipe).deepspeed_plugin is not None
+
+
+def test_fsdp_that_accelerate_would_drop_is_refused():
+    """`vlmforge train` with fsdp under `accelerate launch --multi_gpu` on CPUs: accelerate runs DDP (MULTI_CPU)
+    and says nothing; the recipe would train unsharded. (In one process, Trainer itself refuses fsdp.)"""
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(fsdp=True),
+        is_fsdp_enabled=False,
+        accelerator=SimpleNamespace(num_processes=1, distributed_type="MULTI_CPU"),
+    )
+    with pytest.raises(ValueError, match=r"training_args.fsdp is set, but accelerate did not enable FSDP \(acc"):
+        _check_distributed(trainer)
+    trainer.is_fsdp_enabled = True
+    _check_distributed(trainer)
+
+
+def test_build_trainer_refuses_processes_that_would_each_train_alone(tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu` without GPUs and without use_cpu: every process would train on its own."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched, but accelerate trains each one alone"):
+        build_trainer(ci_recipe(tmp_path, use_cpu=False))

@@ -8,26 +8,39 @@
     model:                                 # exactly one of:
       checkpoint: path/to/vlmforge-checkpoint
       build: {vision: SIGLIP_DIR, text: LM_DIR, fusion: autoregressive, pooling: perceiver, image_size: 980}
+                                           # build_vlm's options; built once into output_dir/built_model
       from_scratch:                        # a new autoregressive model and a toy tokenizer, e.g. for the demo
         tokenizer: {vocab_size: 400, extra_corpus: synthetic_vqa}
         image_processor: {size: {shortest_edge: 112, longest_edge: 112}}
         vision_config: {...}; connector_config: {...}; text_config: {model_type: llama, ...}
     data:
-      train: {synthetic_vqa: {n: 1000, seed: 0}}      # or {dataset: DIR, split: train} (datasets.save_to_disk)
-      eval: {synthetic_vqa: {n: 64, seed: 1}}         # or {jsonl: FILE, image_folder: DIR}; optional
+      train: {synthetic_vqa: {n: 1000, seed: 0}}     # generated scenes (training/synthetic_vqa.py), or
+                                                     # {dataset: DIR, split: train}: a datasets.save_to_disk folder
+                                                     # (split picks from a DatasetDict; needs vlmforge[datasets]), or
+      eval: {jsonl: FILE, image_folder: DIR}         # one sample per line, image file names relative to DIR
+                                                     # (default: FILE's folder); eval is optional
     policies: {vision: full, text: full}   # frozen | lora | full per backbone (training/policies.py); optional
                                            # lora_r, lora_alpha, lora_dropout, target_modules, and connector_lr /
                                            # backbone_lr (separate learning rates through parameter_groups)
     collator: {max_length: 256}            # VLMDataCollator keyword arguments
-    training_args: {per_device_train_batch_size: 8, max_steps: 100, ...}   # TrainingArguments
+    training_args: {per_device_train_batch_size: 8, max_steps: 100, ...}   # TrainingArguments, passed as they are
 
 Under `accelerate launch`, `Trainer` runs the recipe data-parallel unchanged (`vlmforge train` is the script). On
-CPUs use `accelerate launch --multi_gpu --num_processes N -m vlmforge.cli train R.yaml`: torchrun starts N processes
-that find no GPU and use gloo (accelerate 1.x's `--cpu --num_processes N` starts one process unless under mpirun).
+CPUs use `accelerate launch --multi_gpu --num_processes N -m vlmforge.cli train R.yaml` with `use_cpu: true` in
+`training_args`: torchrun starts N processes that train together over gloo (accelerate 1.x's `--cpu --num_processes
+N` starts one process unless under mpirun, and without `use_cpu` accelerate runs each of the N alone).
+Batches without images keep the vision path in every process's graph (the models add 0 × a dummy image's tokens),
+so DDP needs no `ddp_find_unused_parameters`.
+`training_args.fsdp` / `fsdp_config` and `deepspeed` reach TrainingArguments unchanged; FSDP's default wrap policy
+shards each class in the model's `_no_split_modules` (vision encoder, perceiver and decoder layers, and the
+cross-attention blocks). accelerate enables FSDP only in multi-process runs on GPUs (or other accelerators) and
+DeepSpeed never with `use_cpu`. Where accelerate would fall back without a word (FSDP asked for where it cannot run;
+N processes launched that would each train alone), `build_trainer` raises a ValueError instead.
 """
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +48,7 @@ import yaml
 
 _MODEL_KINDS = ("checkpoint", "build", "from_scratch")
 _DATA_KINDS = ("synthetic_vqa", "dataset", "jsonl")
+_DATA_OPTIONS = {"synthetic_vqa": (), "dataset": ("split",), "jsonl": ("image_folder",)}
 _POLICIES = ("frozen", "lora", "full")
 _POLICY_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
@@ -46,6 +60,13 @@ def _one_of(section: dict, kinds: tuple[str, ...], where: str) -> str:
     if len(found) != 1:
         raise ValueError(f"{where} must have exactly one of the keys {kinds}; it has {sorted(section)}.")
     return found[0]
+
+
+def _check_data_source(source: dict, where: str) -> None:
+    kind = _one_of(source, _DATA_KINDS, where)
+    unknown = sorted(set(source) - {kind, *_DATA_OPTIONS[kind]})
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} beside {kind!r}; it takes {list(_DATA_OPTIONS[kind])}.")
 
 
 @dataclasses.dataclass
@@ -70,7 +91,7 @@ class TrainRecipe:
             )
         for split in ("train", "eval"):
             if self.data.get(split) is not None:
-                _one_of(self.data[split], _DATA_KINDS, f"data.{split}")
+                _check_data_source(self.data[split], f"data.{split}")
         for part in ("vision", "text"):
             if self.policies.get(part, "full") not in _POLICIES:
                 raise ValueError(f"policies.{part} must be one of {_POLICIES}, got {self.policies[part]!r}.")
@@ -221,14 +242,15 @@ def load_data_source(source: dict):
             "data source {'dataset': ...} needs the `datasets` package: pip install 'vlmforge[datasets]'."
         ) from error
     loaded = datasets.load_from_disk(source["dataset"])
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded[source.get("split", "train")]
-    return loaded
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    split = source.get("split", "train")
+    if split not in loaded:
+        raise ValueError(f"data source {source['dataset']} has no split {split!r}; its splits are {list(loaded)}.")
+    return loaded[split]
 
 
 # ---- run --------------------------------------------------------------------------------------------------------
-
-
 
 
 def _apply_policies(model, processor, policies: dict):
@@ -278,9 +300,38 @@ def _save_final(model, processor, final_dir: Path) -> None:
             model.generation_config.save_pretrained(staging)
 
 
+def training_arguments(recipe: TrainRecipe):
+    """The recipe's `TrainingArguments`: its `training_args` as they are (FSDP, DeepSpeed and DDP settings included),
+    with `output_dir` from the recipe, the recipe's seed by default, no reporting unless asked for, and the raw
+    `images`/`texts` columns kept for the collator (Trainer would otherwise drop them)."""
+    from transformers import TrainingArguments
+
+    arguments = {"report_to": "none", "seed": recipe.seed, **recipe.training_args}
+    arguments.update(output_dir=recipe.output_dir, remove_unused_columns=False)
+    return TrainingArguments(**arguments)
+
+
+def _check_distributed(trainer) -> None:
+    """accelerate falls back without a word where it cannot run what was asked for: refuse instead."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    setup = f"accelerate's distributed type: {trainer.accelerator.distributed_type}"
+    if trainer.accelerator.num_processes != launched:
+        raise ValueError(
+            f"{launched} processes were launched, but accelerate trains each one alone ({setup}): on a machine "
+            f"without GPUs, set use_cpu: true in training_args so that they train together over gloo."
+        )
+    if trainer.args.fsdp and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"training_args.fsdp is set, but accelerate did not enable FSDP ({setup}): it does so only in "
+            f"multi-process runs on GPUs or other accelerators, not on the CPU (use_cpu), and this run would train "
+            f"unsharded. Launch with `accelerate launch --multi_gpu --num_processes N` on GPUs, or remove fsdp from "
+            f"the recipe."
+        )
+
+
 def build_trainer(recipe: TrainRecipe):
     """The `Trainer` `run_recipe` runs, with its processor: for tests and notebooks that drive it themselves."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from .collator import VLMDataCollator
     from .stability import GradNormPerPartCallback, NonFiniteLossCallback
@@ -291,12 +342,9 @@ def build_trainer(recipe: TrainRecipe):
     train_dataset = load_data_source(recipe.data["train"])
     eval_source = recipe.data.get("eval")
     eval_dataset = load_data_source(eval_source) if eval_source else None
-    arguments = {"report_to": "none", "seed": recipe.seed, **recipe.training_args}
-    # the collator needs the raw `images`/`texts` columns, which Trainer would otherwise drop
-    arguments.update(output_dir=recipe.output_dir, remove_unused_columns=False)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**arguments),
+        args=training_arguments(recipe),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=VLMDataCollator(processor, **recipe.collator),
@@ -304,6 +352,7 @@ def build_trainer(recipe: TrainRecipe):
         callbacks=[NonFiniteLossCallback(), GradNormPerPartCallback()],
         optimizers=(_optimizer(model, recipe.policies, recipe.training_args), None),
     )
+    _check_distributed(trainer)
     return trainer, processor
 
 
@@ -333,4 +382,12 @@ def run_recipe(recipe: TrainRecipe | str | Path, *, resume: bool = False) -> Pat
     return final_dir
 
 
-__all__ = ["JsonlImageDataset", "TrainRecipe", "build_from_scratch", "build_trainer", "load_data_source", "run_recipe"]
+__all__ = [
+    "JsonlImageDataset",
+    "TrainRecipe",
+    "build_from_scratch",
+    "build_trainer",
+    "load_data_source",
+    "run_recipe",
+    "training_arguments",
+]

@@ -1,12 +1,19 @@
 """Building blocks shared by the vision encoder, the connector and the fusion modules.
 
-`eager_attention_forward` is the reference attention every backend is checked against; `sdpa` and the flash
-kernels come from transformers' `ALL_ATTENTION_FUNCTIONS`, dispatched on `config._attn_implementation`.
+Attention. `eager_attention_forward` is the reference every backend is checked against; `sdpa`, `flex_attention`
+and the flash kernels come from transformers' `ALL_ATTENTION_FUNCTIONS`, dispatched on
+`config._attn_implementation` (which backend can run where: `attention_backends.py`; several images packed into one
+sequence: `packed_sequences.py`).
+
+Half precision. `Float32LayerNorm` normalises in float32; the vision encoder also keeps its residual stream in
+float32 when it computes in float16 (`residual_dtype`). Both are no-ops in float32.
 """
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -44,6 +51,33 @@ def eager_attention_forward(
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, Sq, H, D)
     return output, probs
+
+
+# --- layers ---------------------------------------------------------------------------------------------------
+
+
+def residual_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The residual stream's dtype for layers computing in `compute_dtype`: float32 for float16, whose 65504
+    ceiling the summed residual of a deep SigLIP-style encoder can pass; unchanged otherwise (bfloat16 has
+    float32's range)."""
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` computed in float32 and returned in its weight's dtype (the dtype of the layer it feeds).
+
+    In float16 the mean and variance of large activations overflow, and the input may be a float32 residual
+    stream (`residual_dtype`); in float32 and bfloat16 (whose statistics torch accumulates in float32, with no
+    round trip through copies) this is exactly `nn.LayerNorm`.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == self.weight.dtype != torch.float16:
+            return super().forward(hidden_states)  # float32, or bfloat16 (torch accumulates it in float32 already)
+        normed = nn.functional.layer_norm(
+            hidden_states.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        )
+        return normed.to(self.weight.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -25,6 +25,14 @@ class VisionLanguageConfig(PreTrainedConfig):
 
     Derived: `image_seq_len`, the visual tokens one (sub-)image costs — `n_latents` with the perceiver,
     the number of patches of a full `image_size` square without pooling (smaller images cost fewer).
+
+    Attention backends: `attn_implementation` (of this config, `from_pretrained` or `set_attn_implementation`) is
+    one name for every part, or a dict per part, e.g. `{"vision_config": "flash_attention_2", "connector_config":
+    "sdpa", "text_config": "flash_attention_2", "": "sdpa"}`; the key `""` is this config's own, which the
+    cross-attention blocks follow. The vision encoder and connector run `eager`, `sdpa`, `flex_attention` and flash
+    kernels; a flash request they cannot load (no flash-attn, no GPU) gives `sdpa` with a warning, where the
+    language model, whose kernels are transformers', raises. The cross-attention blocks' per-token mask suits only
+    `eager` and `sdpa`: under flash or flex they run `sdpa`, with one warning.
     """
 
     sub_configs_defaults = {

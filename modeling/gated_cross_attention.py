@@ -21,6 +21,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention_backends import runnable_attention
 from .common_layers import RMSNorm, SwiGLUMLP, eager_attention_forward
 from .configuration_cross_attention_vlm import CrossAttentionVLMConfig
 
@@ -57,13 +58,11 @@ class CrossAttention(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        implementation = self.config._attn_implementation
-        if implementation not in ("eager", "sdpa"):
-            # the per-token image mask is 4-D, which flash kernels cannot take: those backends run sdpa here
-            implementation = "sdpa"
+        # the per-token image mask is 4-D: eager and sdpa take it; flash and flex attention fall back to sdpa
+        implementation = runnable_attention(self.config, "cross-attention blocks", query, dense_mask=True)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention_interface(
-            self, query, key, value, attention_mask, is_causal=False, scaling=self.scaling, dropout=0.0
+            self, query, key, value, attention_mask, is_causal=self.is_causal, scaling=self.scaling, dropout=0.0
         )
         output = output.reshape(batch, seq_len, self.num_heads * self.head_dim)  # (B, S, H * Dh)
         return self.o_proj(output)

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from .modeling_connector import Connector
 from .modeling_vision_encoder import VisionEncoder
-from .modeling_vision_stack import VisionLanguagePreTrainedModel, encode_images, pack_per_sample
+from .modeling_vision_stack import VisionLanguagePreTrainedModel, dummy_image_tokens, encode_images, pack_per_sample
 
 logger = logging.get_logger(__name__)
 
@@ -136,19 +136,8 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
         return inputs_embeds
 
     def _zero_through_vision_path(self) -> torch.Tensor:
-        """A 0-d zero that depends on every vision-encoder and connector parameter (for training without images).
-
-        Data-parallel training (DDP without `find_unused_parameters`, as Trainer sets it under activation
-        checkpointing) waits for a gradient of every trainable parameter in every process: a batch without images
-        would leave the vision path out of one process's graph and hang the others. Adding 0 × (the visual tokens of
-        one patch-sized dummy image) to the text changes no value and gives that path an exactly-zero gradient.
-        """
-        vision = self.config.vision_config
-        device = self.vision_model.device  # the meta device when a device map offloads it: its hooks move inputs
-        shape = (1, 1, vision.num_channels, vision.patch_size, vision.patch_size)  # (B, N_img, C, p, p)
-        pixels = torch.ones(shape, device=None if device.type == "meta" else device)
-        tokens, _ = encode_images(self.vision_model, self.connector, pixels)  # [(T, text_hidden)]
-        return 0.0 * tokens[0].sum()
+        """A 0-d zero that depends on every vision-encoder and connector parameter (see `dummy_image_tokens`)."""
+        return 0.0 * dummy_image_tokens(self.vision_model, self.connector).sum()
 
     def forward(
         self,

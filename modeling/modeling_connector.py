@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention_backends import SdpaFallbackAtLoad, bidirectional_mask, runnable_attention
 from .common_layers import RMSNorm, SwiGLUMLP, eager_attention_forward
 from .configuration_connector import ConnectorConfig
+
+PART = "perceiver"
 
 
 class PerceiverAttention(nn.Module):
@@ -48,9 +50,9 @@ class PerceiverAttention(nn.Module):
         value = self.v_proj(keys_and_values).view(batch, kv_len, self.num_key_value_heads, self.head_dim)
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # (N, H_kv, P + L, Dh)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = runnable_attention(self.config, PART, query, dropout=dropout)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention_interface(
             self,
             query,
@@ -59,7 +61,7 @@ class PerceiverAttention(nn.Module):
             attention_mask,
             is_causal=self.is_causal,
             scaling=self.scaling,
-            dropout=self.config.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             **kwargs,
         )
         output = output.reshape(batch, n_latents, self.num_heads * self.head_dim)  # (N, L, H * Dh)
@@ -105,15 +107,18 @@ class PerceiverResampler(nn.Module):
     def forward(self, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         num_images = context.shape[0]
         latents = self.latents.unsqueeze(0).expand(num_images, -1, -1)  # (N, L, D)
-        # keys are [context; latents]: the latents themselves are always visible
+        # keys are [context; latents]: the latents themselves are always visible (and, being last, tell flash
+        # kernels that no query is padding)
         key_mask = torch.cat([attention_mask, attention_mask.new_ones(num_images, latents.shape[1])], dim=1)
-        key_mask = create_bidirectional_mask(config=self.config, inputs_embeds=latents, attention_mask=key_mask)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = runnable_attention(self.config, PART, context, dropout=dropout)
+        key_mask = bidirectional_mask(self.config, implementation, latents, key_mask)
         for layer in self.layers:
             latents = layer(latents, context, key_mask, **kwargs)
         return self.norm(latents)
 
 
-class Connector(PreTrainedModel):
+class Connector(SdpaFallbackAtLoad, PreTrainedModel):
     """Modality projection, then perceiver pooling (or none).
 
     A `PreTrainedModel` of its own so that `connector_config` carries its own attention backend

@@ -26,7 +26,7 @@ from .configuration_cross_attention_vlm import CrossAttentionVLMConfig
 from .gated_cross_attention import CrossAttentionInputs, GatedCrossAttentionBlock, fuse_cross_attention
 from .modeling_connector import Connector
 from .modeling_vision_encoder import VisionEncoder
-from .modeling_vision_stack import VisionLanguagePreTrainedModel, encode_images, pack_per_sample
+from .modeling_vision_stack import VisionLanguagePreTrainedModel, dummy_image_tokens, encode_images, pack_per_sample
 
 
 @dataclass
@@ -184,12 +184,7 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
         the visual tokens of one patch-sized dummy image) to the text changes no value and gives that path an
         exactly-zero gradient.
         """
-        vision = self.config.vision_config
-        device = self.vision_model.device  # the meta device when a device map offloads it: its hooks move inputs
-        shape = (1, 1, vision.num_channels, vision.patch_size, vision.patch_size)  # (B, N_img, C, p, p)
-        pixels = torch.ones(shape, device=None if device.type == "meta" else device)
-        tokens, _ = encode_images(self.vision_model, self.connector, pixels)  # [(T, D)]
-        features = tokens[0][None]  # (1, T, D)
+        features = dummy_image_tokens(self.vision_model, self.connector)[None]  # (1, T, D)
         sums = [features.sum()]
         for block in self.cross_attention_blocks:
             key, value = _block_image_key_values(block, features)  # (1, H_kv, T, Dh) each

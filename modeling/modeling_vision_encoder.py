@@ -6,21 +6,34 @@ position table by fractional-coordinate bucketing (the NaViT-style adaptation): 
 h × w grid takes the table row/column whose bucket holds i/h and j/w. Padding patches are masked out of
 attention. The parameter names are SigLIP's, so a `SiglipVisionModel` state dict loads after dropping
 its `vision_model.` prefix (see `vlmforge.conversion.siglip`).
+
+Two layouts, the same numbers (≤ 1e-5 in float32):
+- padded (the default of `forward`, SigLIP's and Idefics2's): (N, max_h * max_w, D), padding patches masked out;
+- packed (`forward(..., packed=True)`): the real patches of all images in one (1, T, D) sequence with `cu_seqlens`,
+  attention kept within each image by a variable-length kernel (FlashAttention's on CUDA; exact per-image attention
+  on CPU). No layer computes a padding patch. `VisionEncoder.packing_pays_off` says when it is the faster one.
+
+In float16 the residual stream is float32 and the layer norms compute in float32 (`common_layers.residual_dtype`);
+float32 and bfloat16 numbers are unchanged by that.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .common_layers import eager_attention_forward
+from .attention_backends import SdpaFallbackAtLoad, bidirectional_mask, runnable_attention
+from .common_layers import Float32LayerNorm, eager_attention_forward, residual_dtype
+from .packed_sequences import PackedSequences
 from .configuration_vision_encoder import VisionEncoderConfig
+
+PART = "vision encoder"
 
 
 def patch_position_ids(patch_attention_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
@@ -76,7 +89,7 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention over an image's patches."""
+    """Bidirectional multi-head self-attention over an image's patches (or, packed, over each image's own)."""
 
     def __init__(self, config: VisionEncoderConfig) -> None:
         super().__init__()
@@ -89,27 +102,49 @@ class VisionAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packed_sequences: PackedSequences | None = None,
+        **kwargs,
+    ):
+        """hidden_states (N, P, D) with the backend's padding mask, or (1, T, D) with `packed_sequences` (and, for
+        flex attention, its block-diagonal mask). Returns (same shape as the input, attention weights or None)."""
         batch, seq_len, _ = hidden_states.shape
         head_shape = (batch, seq_len, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (N, H, P, Dh)
         key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            is_causal=self.is_causal,
-            scaling=self.scaling,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = runnable_attention(self.config, PART, query, dropout=dropout)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if packed_sequences is None or implementation == "flex_attention":
+            output, weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                is_causal=self.is_causal,
+                scaling=self.scaling,
+                dropout=dropout,
+                **kwargs,
+            )
+        else:
+            output = packed_sequences.attend(
+                self,
+                attention_interface,
+                implementation,
+                query,
+                key,
+                value,
+                scaling=self.scaling,
+                dropout=dropout,
+                **kwargs,
+            )
+            weights = None
         output = output.reshape(batch, seq_len, -1).contiguous()  # (N, P, D)
         return self.out_proj(output), weights
 
@@ -126,13 +161,17 @@ class VisionMLP(nn.Module):
 
 
 class VisionEncoderLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+    `x` is the residual stream, float32 when the layer computes in float16 (`residual_dtype`): the norms hand their
+    sub-layers the weights' dtype, and the sums stay in the stream's.
+    """
 
     def __init__(self, config: VisionEncoderConfig) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = Float32LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = VisionAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = Float32LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -154,13 +193,22 @@ class VisionTransformerStack(nn.Module):
         return hidden_states
 
 
-class VisionEncoder(PreTrainedModel):
+@dataclass
+class VisionEncoderOutput(BaseModelOutput):
+    """`last_hidden_state`: (N, max_h * max_w, D) padded, or (1, T, D) packed, with `packed_sequences` then
+    saying where each image's T_i patches are (`packed_sequences.unpack` pads them per image)."""
+
+    packed_sequences: PackedSequences | None = None
+
+
+class VisionEncoder(SdpaFallbackAtLoad, PreTrainedModel):
     """SigLIP ViT without pooling head, for images of any size up to `image_size` per side.
 
     Input: `pixel_values` (N, C, H, W), images padded bottom/right (a remainder below one patch is ignored,
     as by the strided convolution), and `patch_attention_mask` (N, H // patch_size, W // patch_size) bool,
     True on real patches (all True when omitted).
-    Output: `BaseModelOutput.last_hidden_state` (N, H//p * W//p, hidden_size), padding patches included.
+    Output: `VisionEncoderOutput`; `last_hidden_state` is (N, H//p * W//p, hidden_size), padding patches included,
+    or with `packed=True` (1, T, hidden_size), the T real patches of all images, image by image, row by row.
     """
 
     config_class = VisionEncoderConfig
@@ -178,18 +226,24 @@ class VisionEncoder(PreTrainedModel):
         super().__init__(config)
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionTransformerStack(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = Float32LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
 
+    def packing_pays_off(self, patch_attention_mask: torch.Tensor) -> bool:
+        """Whether `packed=True` is the faster layout for a batch with this (N, h, w) patch mask: when some
+        patches are padding, and the backend is not eager (the reference, kept on the padded layout)."""
+        return self.config._attn_implementation != "eager" and not bool(patch_attention_mask.all())
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         patch_attention_mask: torch.Tensor | None = None,
+        packed: bool = False,
         **kwargs,
-    ) -> BaseModelOutput:
+    ) -> VisionEncoderOutput:
         patch_size = self.config.patch_size
         num_images, _, height, width = pixel_values.shape
         if patch_attention_mask is None:
@@ -198,14 +252,28 @@ class VisionEncoder(PreTrainedModel):
             )
         patch_attention_mask = patch_attention_mask.bool()
 
-        hidden_states = self.embeddings(pixel_values, patch_attention_mask)  # (N, P, D)
-        attention_mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=patch_attention_mask.view(num_images, -1),
-        )
-        hidden_states = self.encoder(hidden_states, attention_mask, **kwargs)
-        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
+        embeddings = self.embeddings(pixel_values, patch_attention_mask)  # (N, P, D)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = runnable_attention(self.config, PART, embeddings, dropout=dropout)
+        stream = embeddings.to(residual_dtype(embeddings.dtype))
+        patch_mask = patch_attention_mask.view(num_images, -1)  # (N, P)
+        if packed:
+            return self._encode_packed(stream, patch_mask, implementation, **kwargs)
+        attention_mask = bidirectional_mask(self.config, implementation, embeddings, patch_mask)
+        stream = self.encoder(stream, attention_mask, **kwargs)
+        return VisionEncoderOutput(last_hidden_state=self.post_layernorm(stream))
+
+    def _encode_packed(
+        self, stream: torch.Tensor, patch_mask: torch.Tensor, implementation: str, **kwargs
+    ) -> VisionEncoderOutput:
+        """The real patches of (N, P, D) `stream`, where (N, P) `patch_mask` is True, as one (1, T, D) sequence."""
+        packed_sequences = PackedSequences.from_mask(patch_mask)
+        stream = stream[patch_mask][None]  # (1, T, D)
+        attention_mask = None  # the varlen kernels and per-image attention need none; flex takes a block mask
+        if implementation == "flex_attention":
+            attention_mask = packed_sequences.block_diagonal_mask(self.config, stream)
+        stream = self.encoder(stream, attention_mask, packed_sequences=packed_sequences, **kwargs)
+        return VisionEncoderOutput(last_hidden_state=self.post_layernorm(stream), packed_sequences=packed_sequences)
 
 
-__all__ = ["VisionEncoder", "patch_position_ids"]
+__all__ = ["VisionEncoder", "VisionEncoderOutput", "patch_position_ids"]

@@ -72,6 +72,8 @@ def encode_images(
     connector: PreTrainedModel,
     pixel_values: torch.Tensor,
     pixel_attention_mask: torch.Tensor | None = None,
+    *,
+    packed: bool | None = None,
     **kwargs,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Encode the real images of a batch into visual tokens.
@@ -80,6 +82,8 @@ def encode_images(
         pixel_values: (B, N_img, C, H, W) — images padded to the batch's H × W, and samples padded to N_img with
             all-zero images, which are skipped. (N, C, H, W) is read as one image per sample.
         pixel_attention_mask: (B, N_img, H, W) (or (N, H, W)), True/1 on real pixels; all real if omitted.
+        packed: encode the real patches packed into one sequence (True) or padded to the batch's grid (False);
+            by default, whichever `vision_model.packing_pays_off` for this batch. The two agree to float rounding.
 
     Returns:
         `(tokens, is_real)`: `tokens[i]` is (tokens_i, text_hidden) for the i-th real image in (sample, slot)
@@ -105,11 +109,35 @@ def encode_images(
         pixel_mask = torch.ones(batch * max_images, height, width, dtype=torch.bool, device=images.device)
     else:
         pixel_mask = pixel_attention_mask.reshape(batch * max_images, height, width).bool()
+    if not bool(is_real.any()):  # only padding slots (e.g. a collated batch of text-only samples)
+        return [], is_real.view(batch, max_images)
     patch_mask = patch_mask_from_pixel_mask(pixel_mask[is_real], vision_model.config.patch_size)
 
-    patch_states = vision_model(images[is_real], patch_attention_mask=patch_mask, **kwargs).last_hidden_state
-    tokens = connector(patch_states, patch_mask.flatten(1), **kwargs)  # list of (tokens_i, D)
+    if packed is None:
+        packed = vision_model.packing_pays_off(patch_mask)
+
+    encoded = vision_model(images[is_real], patch_attention_mask=patch_mask, packed=packed, **kwargs)
+    if packed:  # the perceiver pools image by image: pad each image's patches to the longest image's
+        patch_states, patch_mask = encoded.packed_sequences.unpack(encoded.last_hidden_state)  # (N, T_max, D)
+    else:
+        patch_states, patch_mask = encoded.last_hidden_state, patch_mask.flatten(1)  # (N, h * w, D)
+    tokens = connector(patch_states, patch_mask, **kwargs)  # list of (tokens_i, D)
     return tokens, is_real.view(batch, max_images)
+
+
+def dummy_image_tokens(vision_model: PreTrainedModel, connector: PreTrainedModel) -> torch.Tensor:
+    """(T, text_hidden) visual tokens of one patch-sized all-ones image, for training steps without images.
+
+    Data-parallel training (DDP without `find_unused_parameters`) waits for a gradient of every trainable parameter
+    in every process: a batch without images would leave the vision path out of one process's graph and hang the
+    others. The fusions add 0 × these tokens, which changes no value and gives that path an exactly-zero gradient.
+    """
+    vision = vision_model.config
+    device = vision_model.device  # the meta device when a device map offloads it: its hooks move the inputs
+    shape = (1, 1, vision.num_channels, vision.patch_size, vision.patch_size)  # (B, N_img, C, p, p)
+    pixels = torch.ones(shape, device=None if device.type == "meta" else device)
+    tokens, _ = encode_images(vision_model, connector, pixels)
+    return tokens[0]
 
 
 def pack_per_sample(
@@ -144,6 +172,7 @@ def pack_per_sample(
 
 __all__ = [
     "VisionLanguagePreTrainedModel",
+    "dummy_image_tokens",
     "encode_images",
     "pack_per_sample",
     "patch_mask_from_pixel_mask",

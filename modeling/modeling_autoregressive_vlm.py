@@ -86,6 +86,8 @@ class AutoregressiveVLMModel(AutoregressiveVLMPreTrainedModel):
             pixel_values: (B, N_img, C, H, W) — images padded to the batch's H × W, and samples padded to
                 N_img with all-zero images, which are skipped. (N, C, H, W) is read as one image per sample.
             pixel_attention_mask: (B, N_img, H, W) (or (N, H, W)), True/1 on real pixels; all real if omitted.
+            kwargs: `packed=True/False` forces the packed or the padded vision path (default: packed when the
+                batch holds padding and the backend is not eager; see `encode_images`).
 
         Returns:
             `ImageFeaturesOutput`: `image_features` (B, T, text_hidden) and `image_features_mask` (B, T).

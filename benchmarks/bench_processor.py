@@ -8,7 +8,9 @@ landscape crop, smaller than 378 px, and upscaled past 980 px. Both processors g
 off and on. Each figure is the best of `--repeats` timed passes over all photographs, after one warm-up pass.
 The parity columns are the max abs difference of pixel_values and whether the masks are equal, on the same batch.
 "ceiling" is the ratio a one-thread processor would reach if it did nothing but the PIL crops and resizes that
-bit-identical output requires (the same calls transformers makes): no single-thread speed-up can exceed it.
+bit-identical output requires (the same calls transformers makes) and read their pixels out: no single-thread
+speed-up can exceed it. What separates ours from it is mostly memory: the padded float32 batch and int64 mask are
+fresh memory, zeroed (by the kernel or by calloc) before it is written.
 """
 
 import argparse
@@ -74,7 +76,8 @@ def with_threads(processor, threads: int):
 
 
 def resize_only(processor):
-    """Only the PIL crops and resizes both processors must do to be bit-identical: the ceiling for any speed-up."""
+    """Only the PIL crops and resizes both processors must do to be bit-identical, and reading the pixels out of PIL:
+    the ceiling for any single-thread speed-up."""
 
     def run(batch, split):
         plans = plan_sub_images(

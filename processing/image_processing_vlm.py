@@ -2,9 +2,10 @@
 
 Implements the image side of Findings 5 and 6 of the Idefics2 paper (Laurençon et al., 2024): aspect ratio kept,
 shortest edge ≥ 378 px, longest edge ≤ 980 px, and `do_image_splitting` switchable per call. Outputs match
-transformers' `Idefics2ImageProcessorPil` bit for bit on 8-bit images (see `image_transforms`), and run 2-4x
-faster on one thread (benchmarks/bench_processor.py): images stay 8-bit until one table lookup writes them,
-normalized, into the preallocated padded batch, and sub-images are resampled in parallel.
+transformers' `Idefics2ImageProcessorPil` bit for bit on 8-bit images (see `image_transforms`), and run 2.5-7x
+faster on one thread (benchmarks/bench_processor.py): images stay 8-bit, as contiguous R, G, B planes, until a
+short exact float32 chain writes them, normalized, straight into the preallocated padded batch; sub-images are
+resampled in parallel, largest first.
 """
 
 import io
@@ -24,12 +25,12 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 from .image_transforms import (
     array_to_rgb,
     count_image_tokens,
-    normalization_lut,
+    normalizer,
     pil_to_rgb,
     resized_sub_image,
     sub_image_boxes,
+    sub_image_cost,
     sub_image_sizes,
-    write_normalized,
 )
 
 _CHANNEL_COUNTS = (1, 3, 4)
@@ -160,25 +161,32 @@ class VLMImageProcessor(PilBackend):
         sub_sizes = [out_size for plan in plans for _, _, out_size in plan]
         max_height = max((h for h, _ in sub_sizes), default=0)
         max_width = max((w for _, w in sub_sizes), default=0)
-        pixel_values = np.zeros((len(plans), num_images, 3, max_height, max_width), dtype=np.float32)
-        pixel_attention_mask = np.zeros((len(plans), num_images, max_height, max_width), dtype=np.int64)
-        lut = normalization_lut(
-            rescale_factor=rescale_factor if do_rescale else None,
-            image_mean=image_mean if do_normalize else None,
-            image_std=image_std if do_normalize else None,
+        padded = any(len(plan) < num_images for plan in plans) or any(
+            out_size != (max_height, max_width) for out_size in sub_sizes
+        )
+        # without padding every element is written below, so skip the zero fill: calloc clears reused memory in full
+        allocate = np.zeros if padded else np.empty
+        pixel_values = allocate((len(plans), num_images, 3, max_height, max_width), dtype=np.float32)
+        pixel_attention_mask = allocate((len(plans), num_images, max_height, max_width), dtype=np.int64)
+        write_pixels = normalizer(
+            rescale_factor if do_rescale else None,
+            _per_channel(image_mean) if do_normalize else None,
+            _per_channel(image_std) if do_normalize else None,
         )
 
         def write(task: tuple[int, int, Any, tuple, tuple[int, int]]) -> None:
             i, n, source, box, (height, width) = task
-            sub_image = resized_sub_image(source, box, (height, width), resample=resample)
-            write_normalized(pixel_values[i, n], sub_image, lut)  # (3, H, W) ← (h, w, 3)
+            planes = resized_sub_image(source, box, (height, width), resample=resample)  # 3 × (h, w) uint8
+            write_pixels(pixel_values[i, n], planes)  # (3, H, W) float32
             pixel_attention_mask[i, n, :height, :width] = 1
 
         tasks = [(i, n, *step) for i, plan in enumerate(plans) for n, step in enumerate(plan)]
-        # PIL's resize and numpy's gather release the GIL, and every task writes its own slice of the batch;
+        # PIL's resize and numpy's ufuncs release the GIL, and every task writes its own slice of the batch;
         # like a torch op, use torch's thread count (DataLoader workers set it to 1)
         num_threads = min(torch.get_num_threads(), len(tasks))
         if num_threads > 1:
+            # largest first, so that a big image does not start last and leave the other threads idle at the end
+            tasks.sort(key=lambda task: sub_image_cost(task[3], task[4]), reverse=True)
             with ThreadPoolExecutor(max_workers=num_threads) as pool:
                 list(pool.map(write, tasks))
         else:
@@ -186,6 +194,11 @@ class VLMImageProcessor(PilBackend):
                 write(task)
         data = {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def _per_channel(values) -> tuple[float, ...] | None:
+    """image_mean / image_std (one float or one per channel) as a tuple, the hashable form `normalizer` caches."""
+    return None if values is None else tuple(np.asarray(values, dtype=np.float64).reshape(-1).tolist())
 
 
 def plan_sub_images(

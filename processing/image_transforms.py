@@ -9,13 +9,16 @@ see identical inputs:
 - the image is split *before* resizing, and each crop (and the whole image) is resized on its own;
 - the resize keeps the aspect ratio only while it shrinks the longest edge; each edge is then clamped to at
   least `shortest_edge` independently (a 300 × 256 crop becomes 378 × 378);
-- rescale and normalize are the float64-then-float32 arithmetic of transformers, tabulated once per uint8
-  value (`normalization_lut`), which makes them one table lookup per pixel with bit-identical results.
+- rescale and normalize are the float64-then-float32 arithmetic of transformers. A pixel's result depends only on
+  its uint8 level and channel, so the table of all 256 levels (`normalization_lut`) is the reference; a shorter
+  float32 chain of divisions and subtractions (`normalization_chain`) replaces the lookup wherever it reproduces
+  that whole table bit for bit, which proves it exact for every image.
 
 Sizes are (height, width) throughout; PIL's own (width, height) tuples appear only at the PIL call sites.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -127,6 +130,66 @@ def normalization_lut(
     return np.ascontiguousarray((levels - mean) / std)
 
 
+# A normalization chain: numpy ufuncs applied in order to every channel, each with one float32 constant per channel
+# (3,); the first reads the uint8 pixels, the others work in place on the float32 output. () only converts.
+NormalizationChain = tuple[tuple[np.ufunc, np.ndarray], ...]
+
+
+def normalization_chain(
+    *,
+    rescale_factor: float | None,
+    image_mean: Sequence[float] | None,
+    image_std: Sequence[float] | None,
+) -> NormalizationChain | None:
+    """The shortest float32 chain that gives `normalization_lut` bit for bit on every uint8 level, or None.
+
+    Candidates, shortest first (a division by 1 or a subtraction of 0 is left out):
+      v / (std / rescale_factor) - mean / std   two passes; exact for mean = std = 0.5 (Idefics2's and SigLIP's);
+      (v / (1 / rescale_factor) - mean) / std   transformers' own steps, with the rescale as a float32 division.
+    A candidate is kept only if it reproduces the whole table, all 256 levels of every channel: as each output
+    pixel depends only on its level and channel, that proves it exact for every image. Arguments are as for
+    `normalization_lut`.
+    """
+    scale = np.float64(1.0 if rescale_factor is None else rescale_factor)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a 0 factor or std gives inf / nan: refused below
+        if image_mean is None:
+            candidates = [[(np.divide, np.full(3, 1 / scale))]]
+        else:
+            mean = np.broadcast_to(np.asarray(image_mean, dtype=np.float64).reshape(-1), (3,))
+            std = np.broadcast_to(np.asarray(image_std, dtype=np.float64).reshape(-1), (3,))
+            candidates = [
+                [(np.divide, std / scale), (np.subtract, mean / std)],
+                [(np.divide, np.full(3, 1 / scale)), (np.subtract, mean), (np.divide, std)],
+            ]
+    lut = normalization_lut(rescale_factor=rescale_factor, image_mean=image_mean, image_std=image_std)
+    levels = [np.arange(256, dtype=np.uint8)[None, :]] * 3  # (1, 256) per channel: every level
+    result = np.empty((3, 1, 256), dtype=np.float32)
+    identity = {np.divide: 1.0, np.subtract: 0.0}
+    for steps in candidates:
+        chain = tuple((op, values.astype(np.float32)) for op, values in steps if np.any(values != identity[op]))
+        with np.errstate(all="ignore"):
+            write_normalized(result, levels, chain)
+        if np.array_equal(result[:, 0], lut):
+            return chain
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def normalizer(
+    rescale_factor: float | None, image_mean: tuple[float, ...] | None, image_std: tuple[float, ...] | None
+) -> Callable[[np.ndarray, Sequence[np.ndarray]], None]:
+    """`write(out, planes)` for these settings: the exact `normalization_chain` if one exists, else the table lookup.
+
+    Arguments are as for `normalization_lut`, as tuples (the result is cached per settings); `write` takes the
+    (3, H, W) float32 output and the image's three (h, w) uint8 planes, as `write_normalized` does.
+    """
+    settings = {"rescale_factor": rescale_factor, "image_mean": image_mean, "image_std": image_std}
+    chain = normalization_chain(**settings)
+    if chain is None:
+        return functools.partial(write_through_lut, lut=normalization_lut(**settings))
+    return functools.partial(write_normalized, chain=chain)
+
+
 def pil_to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB, compositing transparency on white, as transformers' `convert_to_rgb` does.
 
@@ -176,31 +239,63 @@ def resized_sub_image(
     size: tuple[int, int],
     *,
     resample: int,
-) -> np.ndarray:
-    """Crop `box` (top, left, bottom, right) out of an RGB image and resize it to `size` (height, width).
+) -> list[np.ndarray]:
+    """Crop `box` (top, left, bottom, right) out of an RGB image, resize it to `size` (height, width), and return
+    its R, G and B planes: three (h, w) uint8 arrays.
 
-    `source` is an RGB PIL image or an (H, W, 3) uint8 array. Returns (h, w, 3) uint8 (a view when nothing
-    changes). A crop already at its target size is not resampled, which is what PIL's `resize` gives for it too.
+    `source` is an RGB PIL image or an (H, W, 3) uint8 array. A crop already at its target size is not resampled,
+    which is what PIL's `resize` gives for it too. PIL's `split` hands out each plane contiguous, which numpy
+    then converts to float32 several times faster than a channel interleaved with the two others.
     """
     top, left, bottom, right = box
     height, width = size
     if isinstance(source, np.ndarray):
         crop = source[top:bottom, left:right]
         if crop.shape[:2] == (height, width):
-            return crop
+            return [crop[:, :, channel] for channel in range(3)]  # views of the array
         crop = Image.fromarray(np.ascontiguousarray(crop))  # (h, w, 3) uint8: RGB
     else:
         full = (top, left, bottom, right) == (0, 0, source.height, source.width)
         crop = source if full else source.crop((left, top, right, bottom))
-        if crop.size == (width, height):
-            return np.asarray(crop)
-    return np.asarray(crop.resize((width, height), resample=resample))
+    if crop.size != (width, height):
+        crop = crop.resize((width, height), resample=resample)
+    return [np.asarray(plane) for plane in crop.split()]
 
 
-def write_normalized(out: np.ndarray, image: np.ndarray, lut: np.ndarray) -> None:
-    """Write the (h, w, 3) uint8 `image`, through the (3, 256) `lut`, into the top-left of `out` (3, H, W)."""
-    height, width = image.shape[:2]
-    for channel in range(3):
+def sub_image_cost(box: tuple[int, int, int, int], size: tuple[int, int]) -> int:
+    """Relative work of one sub-image: pixels read from the `box` (top, left, bottom, right) plus pixels written.
+
+    Resampling reads the box and writes `size` (height, width) pixels, which are then normalized and stored;
+    used to start the largest sub-images first.
+    """
+    top, left, bottom, right = box
+    return (bottom - top) * (right - left) + size[0] * size[1]
+
+
+def write_normalized(out: np.ndarray, planes: Sequence[np.ndarray], chain: NormalizationChain) -> None:
+    """Write an image's R, G, B `planes` ((h, w) uint8 each), through `chain`, into the top-left of `out` (3, H, W).
+
+    Each plane is written once straight into its strided slice of the float32 `out` (the first ufunc casts as it
+    reads, computing in float32), then updated in place by the rest of the chain.
+    """
+    height, width = planes[0].shape
+    for channel, plane in enumerate(planes):
+        source, target = plane, out[channel, :height, :width]  # (h, w) uint8 → (h, w) float32
+        if not chain:
+            np.copyto(target, source)
+        for op, constants in chain:
+            op(source, constants[channel], out=target, dtype=np.float32)
+            source = target
+
+
+def write_through_lut(out: np.ndarray, planes: Sequence[np.ndarray], lut: np.ndarray) -> None:
+    """Write an image's R, G, B `planes` ((h, w) uint8 each), through the (3, 256) `lut`, into the top-left of `out`.
+
+    The fallback for settings that no `normalization_chain` reproduces exactly; slower, as numpy first casts every
+    index to intp.
+    """
+    height, width = planes[0].shape
+    for channel, plane in enumerate(planes):
         # mode="clip" lets numpy gather straight into the strided slice without a bounds-checked buffer;
         # uint8 indices never leave 0..255, so clipping never triggers
-        np.take(lut[channel], image[:, :, channel], out=out[channel, :height, :width], mode="clip")
+        np.take(lut[channel], plane, out=out[channel, :height, :width], mode="clip")

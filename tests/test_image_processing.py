@@ -10,15 +10,21 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor
+from transformers.image_transforms import normalize, rescale
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
 from vlmforge.modeling.configuration_autoregressive_vlm import AutoregressiveVLMConfig
 from vlmforge.processing.image_processing_vlm import VLMImageProcessor
 from vlmforge.processing.image_transforms import (
+    normalization_chain,
     normalization_lut,
     resize_output_size,
     split_boxes,
+    sub_image_cost,
     sub_image_sizes,
+    write_normalized,
+    write_through_lut,
 )
 
 PHOTO = Path(__file__).resolve().parents[1] / "vlmforge" / "assets" / "grace_hopper.jpg"
@@ -77,8 +83,8 @@ def test_parity_with_transformers_on_photographs(photos, ours, theirs, split):
     """Bit-identical to Idefics2ImageProcessorPil on real photographs of every shape, gray and RGBA included, in a
     batch with 2, 0, 1 and 4 images per sample, splitting off and on.
 
-    Both resample with the same PIL call on the same 8-bit pixels, and our normalization table holds transformers'
-    float64-then-float32 arithmetic, so there is no resampling difference to allow for. RGBA: transformers' image
+    Both resample with the same PIL call on the same 8-bit pixels, and our normalization reproduces transformers'
+    float64-then-float32 arithmetic exactly, so there is no difference to allow for. RGBA: transformers' image
     processor composites alpha on white (`convert_to_rgb`), as we do, so the gradient-alpha photo matches too.
     """
     batch = [
@@ -196,6 +202,90 @@ def test_normalization_lut_is_transformers_arithmetic():
     np.testing.assert_array_equal(
         normalization_lut(rescale_factor=None, image_mean=None, image_std=None)[2], np.arange(256, dtype=np.float32)
     )
+
+
+# rescale_factor, image_mean, image_std; None skips the step, as do_rescale / do_normalize = False do
+NORMALIZATIONS = {
+    "idefics2": (1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": (1 / 255, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "clip": (1 / 255, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)),
+    "rescale only": (1 / 255, None, None),
+    "normalize only": (None, (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)),
+    "neither": (None, None, None),
+    "odd factor": (0.0039215689, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # 1 / factor is no float32 divisor of it
+}
+CHAIN_STEPS = {"idefics2": 2, "imagenet": 3, "clip": 3, "rescale only": 1, "normalize only": 2, "neither": 0}
+
+
+def transformers_arithmetic(image: np.ndarray, rescale_factor, image_mean, image_std) -> np.ndarray:
+    """(3, H, W) uint8 → float32 through transformers' own rescale and normalize, as its PIL processor calls them."""
+    out = image.astype(np.float32)
+    if rescale_factor is not None:
+        out = rescale(image, rescale_factor, data_format="channels_first", input_data_format="channels_first")
+    if image_mean is not None:
+        out = normalize(out, image_mean, image_std, data_format="channels_first", input_data_format="channels_first")
+    return out
+
+
+@pytest.mark.parametrize("name", list(NORMALIZATIONS))
+def test_normalization_chain_is_transformers_arithmetic_or_absent(name):
+    """The chain, when there is one, and the table fallback both give transformers' pixels bit for bit, on an image
+    holding every level in every channel, read through strided channel views and written into a padded slice."""
+    rescale_factor, image_mean, image_std = NORMALIZATIONS[name]
+    settings = {"rescale_factor": rescale_factor, "image_mean": image_mean, "image_std": image_std}
+    rng = np.random.default_rng(0)
+    levels = np.concatenate([np.arange(256), rng.integers(0, 256, 32 * 40 - 256)])
+    image = np.stack([rng.permutation(levels).reshape(32, 40) for _ in range(3)], axis=-1).astype(np.uint8)
+    planes = [image[:, :, channel] for channel in range(3)]  # (32, 40) strided views of (32, 40, 3)
+    expected = transformers_arithmetic(np.ascontiguousarray(image.transpose(2, 0, 1)), **settings)
+
+    chain = normalization_chain(**settings)
+    assert (chain is None) if name == "odd factor" else len(chain) == CHAIN_STEPS[name]
+    writers = [lambda out: write_through_lut(out, planes, normalization_lut(**settings))]
+    if chain is not None:
+        writers.append(lambda out: write_normalized(out, planes, chain))
+    for write in writers:
+        out = np.zeros((3, 35, 44), dtype=np.float32)
+        write(out)
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out[:, :32, :40], expected)
+        assert not out[:, 32:].any() and not out[:, :, 40:].any()  # the padding is left alone
+
+
+@pytest.mark.parametrize("name", ["clip", "odd factor"])
+def test_parity_with_other_normalization_settings(photos, name):
+    """End to end with a three-step chain (CLIP's mean and std) and with the table fallback (an odd factor)."""
+    rescale_factor, image_mean, image_std = NORMALIZATIONS[name]
+    settings = {"rescale_factor": rescale_factor, "image_mean": list(image_mean), "image_std": list(image_std)}
+    batch = [[photos["portrait"]], [photos["small"], photos["odd"]]]
+    a = VLMImageProcessor(**settings)(batch, return_tensors="pt")
+    assert_same_output(a, Idefics2ImageProcessorPil(**settings)(batch, return_tensors="pt"))
+
+
+def test_parity_without_padding(photos, ours, theirs):
+    """When every sub-image has the batch's size nothing is padded, and the output is written without a zero fill
+    first: every element must still be written. The 200 × 150 image splits into five 378 × 378 sub-images."""
+    mirrored = photos["landscape"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for batch, split in (([[photos["landscape"]], [mirrored]], False), ([[photos["small"]], [photos["small"]]], True)):
+        a, b = ours(batch, do_image_splitting=split, return_tensors="pt"), theirs(batch, do_image_splitting=split)
+        assert a["pixel_attention_mask"].all()
+        assert_same_output(a, b.convert_to_tensors("pt"))
+
+
+def test_thread_count_does_not_change_the_output(photos, ours):
+    """Sub-images run on torch's thread count, largest first; the batch is the same on 1 thread as on 3."""
+    assert sub_image_cost((0, 0, 1800, 1536), (980, 836)) > sub_image_cost((0, 0, 300, 256), (378, 378))
+    batch = [[photos["small"], photos["wide_large"]], [photos["odd"]], [], [photos["tall_large"], photos["rgba"]]]
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outputs.append(ours(batch, do_image_splitting=True, return_tensors="pt"))
+    finally:
+        torch.set_num_threads(before)
+    for key in ("pixel_values", "pixel_attention_mask"):
+        assert torch.equal(outputs[0][key], outputs[1][key])
 
 
 def test_splitting_per_call_overrides_instance(photos):

@@ -394,6 +394,18 @@ def peak_memory(args: argparse.Namespace, runners: dict[str, Callable[[], object
     return results
 
 
+def memory_row(args: argparse.Namespace, runners: dict, label: str, config: str) -> list[dict]:
+    """[the peak-memory comparison row of `runners` ("ours", "Idefics2")], or [] under --no-memory."""
+    if args.no_memory:
+        return []
+    memory = peak_memory(args, runners)
+    return [
+        comparison_row(label, f"peak memory ({memory['ours']['kind']} growth)", memory["ours"]["peak_bytes"],
+                       memory["Idefics2"]["peak_bytes"], unit="bytes", higher_is_better=False, target=None,
+                       config=config)
+    ]  # fmt: skip
+
+
 def memory_worker(args: argparse.Namespace, runners: dict[str, Callable[[], object]]) -> None:
     """The `--memory-worker NAME` side of `peak_memory`: measure one runner, print one MEMORY line."""
     print("MEMORY " + json.dumps(measure_in_process(runners[args.memory_worker], args.device)), flush=True)

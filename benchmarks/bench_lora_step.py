@@ -153,13 +153,7 @@ def main() -> None:
                               higher_is_better=False, target=1.0, config=config,
                               ratio=common.paired_ratio(times["Idefics2"], times["ours"])),
     ]  # fmt: skip
-    if not args.no_memory:
-        memory = common.peak_memory(args, runners)
-        rows.append(
-            common.comparison_row(label, f"peak memory ({memory['ours']['kind']} growth)",
-                                  memory["ours"]["peak_bytes"], memory["Idefics2"]["peak_bytes"], unit="bytes",
-                                  higher_is_better=False, target=None, config=config)  # fmt: skip
-        )
+    rows += common.memory_row(args, runners, label, config)
     common.print_comparisons(rows)
     spread = {name: f"{min(v) * 1e3:.0f}–{max(v) * 1e3:.0f} ms" for name, v in times.items()}
     print(f"\nrun-to-run range: {spread}")

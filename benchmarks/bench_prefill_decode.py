@@ -138,13 +138,7 @@ def main() -> None:
         common.comparison_row(label, f"whole generate ({new_tokens} tokens)", total["ours"], total["Idefics2"],
                               unit="s", higher_is_better=False, target=None, config=config, ratio=total_ratio),
     ]  # fmt: skip
-    if not args.no_memory:
-        memory = common.peak_memory(args, runners)
-        rows.append(
-            common.comparison_row(label, f"peak memory ({memory['ours']['kind']} growth)",
-                                  memory["ours"]["peak_bytes"], memory["Idefics2"]["peak_bytes"], unit="bytes",
-                                  higher_is_better=False, target=None, config=config)  # fmt: skip
-        )
+    rows += common.memory_row(args, runners, label, config)
     common.print_comparisons(rows)
     print(f"\ndecode step median: ours {step['ours'] * 1e3:.2f} ms, Idefics2 {step['Idefics2'] * 1e3:.2f} ms")
     common.write_json(args, rows)

@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_backends import SdpaFallbackAtLoad, bidirectional_mask, runnable_attention
 from .common_layers import RMSNorm, SwiGLUMLP, eager_attention_forward
+from .packed_sequences import PackedSequences
 from .configuration_connector import ConnectorConfig
 
 PART = "perceiver"
@@ -168,8 +169,22 @@ class Connector(SdpaFallbackAtLoad, PreTrainedModel):
         if isinstance(module, PerceiverResampler):
             init.normal_(module.latents, mean=0.0, std=1.0)
 
-    def forward(self, image_hidden_states: torch.Tensor, patch_mask: torch.Tensor, **kwargs) -> list[torch.Tensor]:
-        projected = self.modality_projection(image_hidden_states)  # (N, P, text_hidden)
+    def forward(
+        self,
+        image_hidden_states: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        *,
+        packed_sequences: PackedSequences | None = None,
+        **kwargs,
+    ) -> list[torch.Tensor]:
+        """image_hidden_states (N, P, vision_hidden) with `patch_mask` (N, P), or the packed encoder's
+        (1, T, vision_hidden) with `packed_sequences`: then only real patches are projected, and the perceiver gets
+        each image's tokens padded to the longest image."""
+        projected = self.modality_projection(image_hidden_states)  # (N, P, text_hidden) or (1, T, text_hidden)
+        if packed_sequences is not None:
+            if self.pooling == "none":
+                return list(projected[0].split(packed_sequences.lengths))
+            projected, patch_mask = packed_sequences.unpack(projected)  # (N, T_max, text_hidden), (N, T_max)
         if self.pooling == "none":
             return [tokens[mask] for tokens, mask in zip(projected, patch_mask)]
         pooled = self.perceiver_resampler(projected, patch_mask, **kwargs)  # (N, n_latents, text_hidden)

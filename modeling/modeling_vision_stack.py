@@ -117,11 +117,10 @@ def encode_images(
         packed = vision_model.packing_pays_off(patch_mask)
 
     encoded = vision_model(images[is_real], patch_attention_mask=patch_mask, packed=packed, **kwargs)
-    if packed:  # the perceiver pools image by image: pad each image's patches to the longest image's
-        patch_states, patch_mask = encoded.packed_sequences.unpack(encoded.last_hidden_state)  # (N, T_max, D)
-    else:
-        patch_states, patch_mask = encoded.last_hidden_state, patch_mask.flatten(1)  # (N, h * w, D)
-    tokens = connector(patch_states, patch_mask, **kwargs)  # list of (tokens_i, D)
+    if packed:  # (1, T, D): the connector projects the real patches only, then unpacks them for the perceiver
+        tokens = connector(encoded.last_hidden_state, packed_sequences=encoded.packed_sequences, **kwargs)
+    else:  # (N, h * w, D)
+        tokens = connector(encoded.last_hidden_state, patch_mask.flatten(1), **kwargs)  # list of (tokens_i, D)
     return tokens, is_real.view(batch, max_images)
 
 

@@ -406,6 +406,14 @@ def memory_row(args: argparse.Namespace, runners: dict, label: str, config: str)
     ]  # fmt: skip
 
 
+def report(args: argparse.Namespace, rows: list[dict], times: dict[str, list[float]]) -> None:
+    """Print the comparison rows and each model's run-to-run range of `times` (seconds), then write --json."""
+    print_comparisons(rows)
+    spread = {name: f"{min(v) * 1e3:.0f}–{max(v) * 1e3:.0f} ms" for name, v in times.items()}
+    print(f"\nrun-to-run range: {spread}")
+    write_json(args, rows)
+
+
 def memory_worker(args: argparse.Namespace, runners: dict[str, Callable[[], object]]) -> None:
     """The `--memory-worker NAME` side of `peak_memory`: measure one runner, print one MEMORY line."""
     print("MEMORY " + json.dumps(measure_in_process(runners[args.memory_worker], args.device)), flush=True)

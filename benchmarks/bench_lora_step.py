@@ -154,10 +154,7 @@ def main() -> None:
                               ratio=common.paired_ratio(times["Idefics2"], times["ours"])),
     ]  # fmt: skip
     rows += common.memory_row(args, runners, label, config)
-    common.print_comparisons(rows)
-    spread = {name: f"{min(v) * 1e3:.0f}–{max(v) * 1e3:.0f} ms" for name, v in times.items()}
-    print(f"\nrun-to-run range: {spread}")
-    common.write_json(args, rows)
+    common.report(args, rows, times)
 
 
 if __name__ == "__main__":

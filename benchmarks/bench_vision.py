@@ -109,10 +109,7 @@ def main() -> None:
                               higher_is_better=True, target=None, config=config, ratio=ratio),
     ]  # fmt: skip
     rows += common.memory_row(args, runners, label, config)
-    common.print_comparisons(rows)
-    spread = {name: f"{min(v) * 1e3:.0f}–{max(v) * 1e3:.0f} ms" for name, v in times.items()}
-    print(f"\nrun-to-run range: {spread}")
-    common.write_json(args, rows)
+    common.report(args, rows, times)
 
 
 if __name__ == "__main__":

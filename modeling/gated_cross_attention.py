@@ -11,10 +11,14 @@ to layers, and what transformers' `GradientCheckpointingLayer` expects). The blo
 language model; the images, their keys/values and the blocks reach the fused layers as one forward keyword,
 `cross_attention_inputs`, that transformers hands to every decoder layer. Nothing is stored on modules between
 calls.
+
+Each block projects the visual tokens to its keys and values inside its own `forward` (or reuses those of an
+earlier call, in generation): a wrapper that gathers a block's weights around its forward, as FSDP does, then
+covers every use of them.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,8 +52,9 @@ class CrossAttention(nn.Module):
         """(B, M, D) visual tokens → keys and values, each (B, H_kv, M, Dh). Computed once per batch of images."""
         batch, num_tokens, _ = image_states.shape
         shape = (batch, num_tokens, self.num_key_value_heads, self.head_dim)
-        key = self.k_proj(image_states).view(shape).transpose(1, 2)
-        value = self.v_proj(image_states).view(shape).transpose(1, 2)
+        # contiguous: not views, so that a wrapper hooking the block's outputs (FSDP) can hook them safely
+        key = self.k_proj(image_states).view(shape).transpose(1, 2).contiguous()
+        value = self.v_proj(image_states).view(shape).transpose(1, 2).contiguous()
         return key, value
 
     def forward(
@@ -96,15 +101,27 @@ class GatedCrossAttentionBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         *,
-        key: torch.Tensor,
-        value: torch.Tensor,
         attention_mask: torch.Tensor,
         has_image: torch.Tensor,
-    ) -> torch.Tensor:
+        image_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Text (B, S, D) attends to the images: `image_states` (B, M, D), projected here, or the `key_value` this
+        block returned for the same images before. `attention_mask` (B, 1, S, M) additive, `has_image` (B, S, 1).
+
+        Returns the new hidden states (B, S, D) and the image (key, value) used, each (B, H_kv, M, Dh).
+        """
+        if (image_states is None) == (key_value is None):
+            raise ValueError("GatedCrossAttentionBlock needs exactly one of image_states or key_value.")
+        if key_value is None:
+            # the connector may sit on another device or in another dtype than this block (device maps, autocast)
+            weight = self.cross_attn.k_proj.weight
+            key_value = self.cross_attn.image_key_values(image_states.to(hidden_states.device, weight.dtype))
+        key, value = key_value
         attended = self.cross_attn(self.input_layernorm(hidden_states), key, value, attention_mask)
         hidden_states = hidden_states + (has_image * self.attn_gate.tanh()) * attended
         fed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states + (has_image * self.mlp_gate.tanh()) * fed_forward
+        return hidden_states + (has_image * self.mlp_gate.tanh()) * fed_forward, key_value
 
 
 @dataclass
@@ -112,21 +129,38 @@ class CrossAttentionInputs:
     """Everything the fused decoder layers need for one forward call, built once per call by the VLM.
 
     blocks: the VLM's `cross_attention_blocks`; a fused layer runs `blocks[its cross_attention_index]`.
-    key_values: per block, the image keys and values, each (B, H_kv, M, Dh).
+    image_states: (B, M, D) visual tokens, each sample's images one after the other.
+    key_values: per block, the image (key, value) of an earlier call on the same images, or None: each block then
+        projects `image_states` itself.
     attention_mask: (B, 1, S, M) additive: 0 where text token s may see image token m, the dtype's minimum elsewhere.
     has_image: (B, S, 1), 1 where text token s sees at least one image token, else 0.
+    used_key_values: filled as the blocks run: block index → the (key, value) it attended to.
     """
 
     blocks: nn.ModuleList
-    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    image_states: torch.Tensor
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None
     attention_mask: torch.Tensor
     has_image: torch.Tensor
+    used_key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __call__(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        key, value = self.key_values[index]
-        return self.blocks[index](
-            hidden_states, key=key, value=value, attention_mask=self.attention_mask, has_image=self.has_image
+        # decided by the inputs alone, so that a checkpointed layer recomputes exactly what it computed
+        key_value = None if self.key_values is None else self.key_values[index]
+        hidden_states, self.used_key_values[index] = self.blocks[index](
+            hidden_states,
+            attention_mask=self.attention_mask,
+            has_image=self.has_image,
+            image_states=self.image_states if key_value is None else None,
+            key_value=key_value,
         )
+        return hidden_states
+
+    def all_key_values(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """Every block's (key, value), in block order, once all blocks have run; else None."""
+        if len(self.used_key_values) != len(self.blocks):
+            return None
+        return tuple(self.used_key_values[index] for index in range(len(self.blocks)))
 
 
 class CrossAttentionFusion(GradientCheckpointingLayer):

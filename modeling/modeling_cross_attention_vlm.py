@@ -8,8 +8,8 @@ Checkpoint keys: `model.vision_model.*` and `model.connector.*` as in the autore
 `model.text_model.*` exactly the bare LM's keys, so a text-only checkpoint loads unchanged;
 `model.cross_attention_blocks.{k}.*` for the new blocks; `lm_head.*`.
 
-In `generate`, images are encoded once, at prefill, and each block's image keys/values are computed once: they
-travel from step to step as the `image_key_values` model keyword, beside the LM's own KV cache.
+In `generate`, images are encoded once, at prefill, and each block projects them to its keys/values once, inside
+its own forward: they travel from step to step as the `image_key_values` model keyword, beside the LM's own KV cache.
 """
 
 from dataclasses import dataclass
@@ -33,21 +33,29 @@ from .modeling_vision_stack import VisionLanguagePreTrainedModel, dummy_image_to
 class ImageKeyValues(ModelOutput):
     """A batch of encoded images, as the cross-attention blocks consume them; compute once, reuse at every step.
 
-    key_values: per block, (key, value), each (B, H_kv, M, Dh); M is the most visual tokens of any sample.
+    image_states: (B, M, D) — each sample's visual tokens, its images one after the other; M is the most of any
+        sample, the rest padding.
     token_slots: (B, M) long — the `pixel_values` slot each visual token came from; -1 on padding.
     real_images: (B, N_img) bool — the slots that held a real (not all-zero) image.
+    key_values: per block, (key, value), each (B, H_kv, M, Dh), as the blocks projected `image_states` in a forward
+        call; None before any (`get_image_key_values` leaves them to the first call).
     """
 
-    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    image_states: torch.Tensor | None = None
     token_slots: torch.Tensor | None = None
     real_images: torch.Tensor | None = None
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
 
     def repeat_interleave(self, repeats: int) -> "ImageKeyValues":
         """Each sample `repeats` times in a row, as `generate` expands prompts for beams and return sequences."""
+        key_values = None
+        if self.key_values is not None:
+            key_values = tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in pair) for pair in self.key_values)
         return ImageKeyValues(
-            key_values=tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in pair) for pair in self.key_values),
+            image_states=self.image_states.repeat_interleave(repeats, dim=0),
             token_slots=self.token_slots.repeat_interleave(repeats, dim=0),
             real_images=self.real_images.repeat_interleave(repeats, dim=0),
+            key_values=key_values,
         )
 
 
@@ -91,17 +99,6 @@ class CrossAttentionVLMPreTrainedModel(VisionLanguagePreTrainedModel):
                 "cannot differentiate through."
             )
         super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
-
-
-def _block_image_key_values(
-    block: GatedCrossAttentionBlock, features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M, D) visual tokens → `block`'s keys and values, each (B, H_kv, M, Dh), in the block's dtype and on its
-    device: a device map may place the connector and the block on different devices. (Weights offloaded by a device
-    map sit on the meta device; accelerate's hooks then move the inputs to where the weights are brought.)"""
-    weight = block.cross_attn.k_proj.weight
-    device = None if weight.device.type == "meta" else weight.device
-    return block.cross_attn.image_key_values(features.to(device=device, dtype=weight.dtype))
 
 
 def images_per_sample(image_attention_mask: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,7 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
     def get_image_key_values(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None, **kwargs
     ) -> ImageKeyValues:
-        """Encode images and project them to every block's keys and values, once for many forward/generate calls.
+        """Encode images once for many forward/generate calls.
 
         Args:
             pixel_values: (B, N_img, C, H, W) — images padded to the batch's H × W, and samples padded to N_img
@@ -166,33 +163,35 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             pixel_attention_mask: (B, N_img, H, W) (or (N, H, W)), True/1 on real pixels; all real if omitted.
 
         Returns:
-            `ImageKeyValues`; pass it as `image_key_values=` to `forward`/`generate` instead of `pixel_values`.
+            `ImageKeyValues`; pass it as `image_key_values=` to `forward`/`generate` instead of `pixel_values`. The
+            blocks project it to their keys/values in the first forward call, whose output's `image_key_values`
+            carries them: pass that one to later calls to skip the projection too (`generate` does).
         """
         tokens, real_images = encode_images(
             self.vision_model, self.connector, pixel_values, pixel_attention_mask, **kwargs
         )
         features, token_slots = pack_per_sample(tokens, real_images, hidden_size=self.config.text_config.hidden_size)
-        key_values = tuple(_block_image_key_values(block, features) for block in self.cross_attention_blocks)
-        return ImageKeyValues(key_values=key_values, token_slots=token_slots, real_images=real_images)
+        return ImageKeyValues(image_states=features, token_slots=token_slots, real_images=real_images)
 
-    def _zero_through_image_path(self) -> torch.Tensor:
-        """A 0-d zero that depends on every vision-encoder, connector and cross-attention-block parameter.
+    def _dummy_cross_attention_inputs(self, inputs_embeds: torch.Tensor) -> CrossAttentionInputs:
+        """Blocks inputs for a training batch without images: every block attends to one dummy image that no token
+        sees, so it adds exactly 0 and every vision-encoder, connector and block parameter gets a zero gradient.
 
         Data-parallel training (DDP without `find_unused_parameters`, as Trainer sets it under activation
         checkpointing) waits for a gradient of every trainable parameter in every process: a batch without images
-        would leave the image path out of one process's graph and hang the others. Adding 0 × (every block run on
-        the visual tokens of one patch-sized dummy image) to the text changes no value and gives that path an
-        exactly-zero gradient.
+        would leave the image path out of one process's graph and hang the others. Under FSDP the blocks must also
+        run where they run with images, inside their decoder layers, or the processes' all-gathers fall out of step.
         """
-        features = dummy_image_tokens(self.vision_model, self.connector)[None]  # (1, T, D)
-        sums = [features.sum()]
-        for block in self.cross_attention_blocks:
-            key, value = _block_image_key_values(block, features)  # (1, H_kv, T, Dh) each
-            query = features[:, :1].to(key.device)  # (1, 1, D): one visual token stands in for a text token
-            mask, has_image = key.new_zeros(1, 1, 1, key.shape[2]), key.new_ones(1, 1, 1)
-            attended = block(query, key=key, value=value, attention_mask=mask, has_image=has_image)  # (1, 1, D)
-            sums.append(attended.sum().to(features.device))
-        return 0.0 * torch.stack(sums).sum()
+        batch, seq_len, _ = inputs_embeds.shape
+        features = dummy_image_tokens(self.vision_model, self.connector)  # (T, D)
+        features = features.to(inputs_embeds.device)[None].expand(batch, -1, -1)  # (B, T, D)
+        return CrossAttentionInputs(
+            blocks=self.cross_attention_blocks,
+            image_states=features,
+            key_values=None,
+            attention_mask=inputs_embeds.new_zeros(batch, 1, seq_len, features.shape[1]),  # (B, 1, S, T)
+            has_image=inputs_embeds.new_zeros(batch, seq_len, 1),  # no token sees it: each block adds 0
+        )
 
     def _image_marker_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(B, S) bool: where the `<image>` markers are, from ids or, without ids, from their embedding."""
@@ -255,6 +254,7 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
         )
         return CrossAttentionInputs(
             blocks=self.cross_attention_blocks,
+            image_states=image_key_values.image_states,
             key_values=image_key_values.key_values,
             attention_mask=mask,
             has_image=has_image.to(dtype),
@@ -312,9 +312,10 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
         cross_attention_inputs = None
         if image_key_values is not None:
             cross_attention_inputs = self._cross_attention_inputs(image_key_values, image_attention_mask, inputs_embeds)
+        sees_images = cross_attention_inputs is not None
         if self.training and torch.is_grad_enabled() and cross_attention_inputs is None:
-            zero = self._zero_through_image_path()  # no image in the batch: the image path still gets a gradient
-            inputs_embeds = inputs_embeds + zero.to(inputs_embeds.device, inputs_embeds.dtype)
+            # no image in the batch: the image path still runs, adding 0, and gets a (zero) gradient
+            cross_attention_inputs = self._dummy_cross_attention_inputs(inputs_embeds)
         kwargs["return_dict"] = True
         outputs = self.text_model(
             inputs_embeds=inputs_embeds,
@@ -325,6 +326,14 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             cross_attention_inputs=cross_attention_inputs,
             **kwargs,
         )
+        if sees_images and image_key_values.key_values is None:
+            # what the blocks projected, for the next call on the same images (the next generation step)
+            image_key_values = ImageKeyValues(
+                image_states=image_key_values.image_states,
+                token_slots=image_key_values.token_slots,
+                real_images=image_key_values.real_images,
+                key_values=cross_attention_inputs.all_key_values(),
+            )
         return CrossAttentionVLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache,

@@ -90,8 +90,8 @@ def cross_attention_block_output(attn_implementation: str) -> torch.Tensor:
     allowed = (visible | ~has_image)[:, None]  # (B, 1, S, M)
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     with torch.no_grad():
-        key, value = block.cross_attn.image_key_values(image_states)
-        return block(hidden_states, key=key, value=value, attention_mask=mask, has_image=has_image.float())
+        output, _ = block(hidden_states, attention_mask=mask, has_image=has_image.float(), image_states=image_states)
+        return output
 
 
 MODULES = {  # module: (its output under a backend, the backends it runs)

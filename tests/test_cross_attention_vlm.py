@@ -192,7 +192,8 @@ def changed_tokens(model, inputs, other, module=None) -> list[bool]:
     outputs = []
     for batch in (inputs, other):
         captured = []
-        handle = module.register_forward_hook(lambda m, a, out: captured.append(out)) if module else None
+        # a block returns (hidden states, its image key/value)
+        handle = module.register_forward_hook(lambda m, a, out: captured.append(out[0])) if module else None
         out = logits(model, batch)
         outputs.append(captured[0] if module else out)
         if handle:

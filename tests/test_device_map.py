@@ -13,7 +13,6 @@ from conftest import image_prompt, tiny_autoregressive_model
 from test_distributed import BUILDERS, batch, build
 
 import vlmforge
-from vlmforge.modeling.modeling_cross_attention_vlm import _block_image_key_values
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -91,18 +90,37 @@ def test_image_keys_and_values_take_each_blocks_dtype():
     model = build("cross_attention").model
     block = model.cross_attention_blocks[1].double()  # a block "placed" apart from the connector
     features = torch.randn(1, 4, model.config.text_config.hidden_size)  # (1, M, D) float32
-    key, value = _block_image_key_values(block, features)
+    text = torch.randn(1, 3, features.shape[-1], dtype=torch.float64)
+    mask, has_image = torch.zeros(1, 1, 3, 4, dtype=torch.float64), torch.ones(1, 3, 1, dtype=torch.float64)
+    _, (key, value) = block(text, attention_mask=mask, has_image=has_image, image_states=features)
     assert key.dtype == value.dtype == torch.float64
     assert torch.equal(key, block.cross_attn.image_key_values(features.double())[0])
 
 
-def test_offloaded_block_leaves_the_move_to_accelerates_hooks():
-    """Offloaded weights sit on the meta device: moving the tokens there would lose them."""
+class _Projected(Exception):
+    pass
+
+
+def test_offloaded_block_projects_the_tokens_where_the_text_is():
+    """Offloaded weights sit on the meta device, and accelerate's hook brings them to where the text is: the visual
+    tokens go there too, never to the meta device (where they would be lost)."""
     block = build("cross_attention").model.cross_attention_blocks[0]
     meta_block = type(block)(block.cross_attn.config).to("meta")
     seen = []
-    meta_block.cross_attn.image_key_values = lambda states: seen.append(states.device) or (states, states)
-    _block_image_key_values(meta_block, torch.randn(1, 4, block.cross_attn.k_proj.in_features))
+
+    def record(states):
+        seen.append(states.device)
+        raise _Projected
+
+    meta_block.cross_attn.image_key_values = record
+    width = block.cross_attn.k_proj.in_features
+    with pytest.raises(_Projected):
+        meta_block(
+            torch.randn(1, 3, width),
+            attention_mask=torch.zeros(1, 1, 3, 4),
+            has_image=torch.ones(1, 3, 1),
+            image_states=torch.randn(1, 4, width),
+        )
     assert seen == [torch.device("cpu")]
 
 

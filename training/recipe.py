@@ -30,7 +30,7 @@ CPUs use `accelerate launch --multi_gpu --num_processes N -m vlmforge.cli train 
 `training_args`: torchrun starts N processes that train together over gloo (accelerate 1.x's `--cpu --num_processes
 N` starts one process unless under mpirun, and without `use_cpu` accelerate runs each of the N alone).
 Batches without images keep the vision path in every process's graph (the models add 0 × a dummy image's tokens),
-so DDP needs no `ddp_find_unused_parameters`.
+so DDP needs no `ddp_find_unused_parameters`, and the ranks of an FSDP run gather the same layers in the same order.
 `training_args.fsdp` / `fsdp_config` and `deepspeed` reach TrainingArguments unchanged; FSDP's default wrap policy
 shards each class in the model's `_no_split_modules` (vision encoder, perceiver and decoder layers, and the
 cross-attention blocks). accelerate enables FSDP only in multi-process runs on GPUs (or other accelerators) and

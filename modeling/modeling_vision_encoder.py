@@ -53,7 +53,9 @@ def patch_position_ids(patch_attention_mask: torch.Tensor, num_patches_per_side:
     num_images, max_h, max_w = patch_attention_mask.shape
     device = patch_attention_mask.device
     side = num_patches_per_side
-    # bucket b covers [b/side, (b+1)/side); the boundaries are the interior edges, in float32
+    # bucket b covers [b/side, (b+1)/side); the boundaries are the interior edges, in float32. CUDA's arange
+    # accumulates in float, the CPU's in double, so a few edges differ between devices; built on the images' device,
+    # as transformers' Idefics2 builds them, they give its buckets on either
     boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
     rows = patch_attention_mask[:, :, 0].sum(dim=1)  # (N,) real patch rows per image
     cols = patch_attention_mask[:, 0, :].sum(dim=1)  # (N,)

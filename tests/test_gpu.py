@@ -14,6 +14,7 @@ The backend checks use a tiny model with head size 16 (flex attention's CUDA ker
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_flash_attn_2_available
 
 from conftest import (
@@ -76,10 +77,13 @@ def _to(inputs: dict, device: str, dtype: torch.dtype | None = None) -> dict:
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32
+    """TF32 off for matmuls and for cuDNN convolutions (the patch embedding), whose TF32 default is on: TF32 there
+    alone moves the autoregressive logits by ~1.6e-4 (measured on CPU with inputs rounded to TF32), past 1e-4."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -152,6 +156,20 @@ def test_packed_sdpa_runs_the_varlen_kernel_on_cuda():
     assert sequences.kernel("sdpa", query, dropout=0.0) == "varlen_attn"
     assert sequences.kernel("sdpa", query.float(), dropout=0.0) == "per_sequence"
     assert sequences.kernel("eager", query, dropout=0.0) == "per_sequence"
+
+    # and the kernel computes what each image's own attention computes: three sequences of different lengths, a
+    # non-default scale; both sides are bf16 outputs of fp32-accumulating kernels, so they differ by bf16 rounding
+    torch.manual_seed(0)
+    mask = torch.zeros(3, 12, dtype=torch.bool, device="cuda")
+    mask[0, :12], mask[1, :5], mask[2, :9] = True, True, True
+    sequences = packed_sequences.PackedSequences.from_mask(mask)
+    # (1, H, T, Dh) views of (1, T, H, Dh) tensors, as the attention layers make them
+    query, key, value = torch.randn(3, 1, 26, 4, 16, device="cuda", dtype=torch.bfloat16).transpose(2, 3).unbind(0)
+    sdpa, module = ALL_ATTENTION_FUNCTIONS["sdpa"], torch.nn.Module()
+    packed = sequences.attend(module, sdpa, "sdpa", query, key, value, scaling=0.3, dropout=0.0)
+    per_image = sequences.attend(module, sdpa, "eager", query, key, value, scaling=0.3, dropout=0.0)
+    assert packed.shape == per_image.shape == (1, 26, 4, 16)
+    torch.testing.assert_close(packed.float(), per_image.float(), atol=2e-2, rtol=0)
 
 
 # --- generation with CUDA kernels ---------------------------------------------------------------------------

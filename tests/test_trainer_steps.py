@@ -151,3 +151,39 @@ def test_activation_checkpointing_is_non_reentrant_by_default():
     model = apply_training_policy(tiny_autoregressive_model(), vision="frozen", text="lora", verbose=False)
     enable_activation_checkpointing(model, use_reentrant=True)  # reentrant only when asked for explicitly
     assert uses_reentrant_checkpointing(model) is True
+
+
+def test_trl_sft_trainer_trains_with_the_documented_flags(tmp_path):
+    """TRL's SFTTrainer, unchanged, with the collator and the flags `VLMDataCollator`'s docstring names
+    (`remove_unused_columns=False`, `dataset_kwargs={"skip_prepare_dataset": True}`): it lowers the loss."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    processor = processor_for("autoregressive")
+    model = tiny_autoregressive_model()
+    rows = [row for row in samples() if "images" in row]  # one schema per `datasets` table
+    batch = VLMDataCollator(processor)(rows)
+    before = fixed_batch_loss(model, batch)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(rows),
+        max_steps=6,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=VLMDataCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    after = fixed_batch_loss(model, batch)
+    assert after < 0.8 * before, (before, after)

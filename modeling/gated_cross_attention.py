@@ -134,7 +134,8 @@ class CrossAttentionInputs:
         projects `image_states` itself.
     attention_mask: (B, 1, S, M) additive: 0 where text token s may see image token m, the dtype's minimum elsewhere.
     has_image: (B, S, 1), 1 where text token s sees at least one image token, else 0.
-    used_key_values: filled as the blocks run: block index → the (key, value) it attended to.
+    keep_key_values: record each block's (key, value) in `used_key_values` (block index → (key, value)) for a
+        later call. Off in training: under activation checkpointing the references would keep them alive.
     """
 
     blocks: nn.ModuleList
@@ -142,22 +143,25 @@ class CrossAttentionInputs:
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None
     attention_mask: torch.Tensor
     has_image: torch.Tensor
+    keep_key_values: bool = True
     used_key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __call__(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         # decided by the inputs alone, so that a checkpointed layer recomputes exactly what it computed
         key_value = None if self.key_values is None else self.key_values[index]
-        hidden_states, self.used_key_values[index] = self.blocks[index](
+        hidden_states, used = self.blocks[index](
             hidden_states,
             attention_mask=self.attention_mask,
             has_image=self.has_image,
             image_states=self.image_states if key_value is None else None,
             key_value=key_value,
         )
+        if self.keep_key_values:
+            self.used_key_values[index] = used
         return hidden_states
 
     def all_key_values(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
-        """Every block's (key, value), in block order, once all blocks have run; else None."""
+        """Every block's (key, value), in block order, once all blocks have run and kept them; else None."""
         if len(self.used_key_values) != len(self.blocks):
             return None
         return tuple(self.used_key_values[index] for index in range(len(self.blocks)))

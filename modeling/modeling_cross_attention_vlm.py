@@ -38,7 +38,7 @@ class ImageKeyValues(ModelOutput):
     token_slots: (B, M) long — the `pixel_values` slot each visual token came from; -1 on padding.
     real_images: (B, N_img) bool — the slots that held a real (not all-zero) image.
     key_values: per block, (key, value), each (B, H_kv, M, Dh), as the blocks projected `image_states` in a forward
-        call; None before any (`get_image_key_values` leaves them to the first call).
+        call outside training; None before any (`get_image_key_values` leaves them to the first call).
     """
 
     image_states: torch.Tensor | None = None
@@ -191,6 +191,7 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             key_values=None,
             attention_mask=inputs_embeds.new_zeros(batch, 1, seq_len, features.shape[1]),  # (B, 1, S, T)
             has_image=inputs_embeds.new_zeros(batch, seq_len, 1),  # no token sees it: each block adds 0
+            keep_key_values=False,
         )
 
     def _image_marker_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -258,6 +259,7 @@ class CrossAttentionVLMModel(CrossAttentionVLMPreTrainedModel):
             key_values=image_key_values.key_values,
             attention_mask=mask,
             has_image=has_image.to(dtype),
+            keep_key_values=not (self.training and torch.is_grad_enabled()),  # training reuses nothing
         )
 
     def forward(

@@ -257,6 +257,17 @@ def test_forward_shapes_and_loss():
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
 
 
+def test_only_inference_keeps_the_blocks_image_key_values():
+    """Training reuses no image keys/values, and keeping them would hold them past activation checkpointing."""
+    model = tiny_cross_attention_model(gate_init=GATE).train()
+    trained = model(**padded_batch()).image_key_values
+    assert trained.key_values is None and trained.image_states is not None
+    model.eval()
+    with torch.no_grad():
+        kept = model(**padded_batch()).image_key_values.key_values
+    assert len(kept) == len(model.model.cross_attention_blocks)
+
+
 def test_precomputed_image_key_values_give_the_same_logits_as_pixels():
     model = tiny_cross_attention_model(gate_init=GATE)
     inputs = padded_batch()
